@@ -1,0 +1,1 @@
+"""sublim: subliminal learning toolkit."""
