@@ -1,0 +1,221 @@
+"""Run directories: atomic writes, streamed JSONL that survives SIGKILL, stage cache keys, environment info.
+
+A stage's output lives in ``<run>/stages/<name>-<key>/``; ``key`` hashes the stage's resolved config and the
+content hashes of its inputs. A stage is finished when its ``_DONE`` marker exists; anything else in the
+directory is partial work that the stage may resume from (streamed rows) or redo.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+DONE = "_DONE"
+
+
+def canonical_json(obj: Any) -> str:
+    """Deterministic JSON used for hashing (sorted keys, no whitespace)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def hash_obj(obj: Any) -> str:
+    return sha256_text(canonical_json(obj))
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` via a temp file in the same directory and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False, default=str) + "\n")
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Read a JSONL file; a malformed line gives a one-line error naming the file and line."""
+    rows: list[dict[str, Any]] = []
+    path = Path(path)
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
+    text = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows)
+    return atomic_write_text(path, text)
+
+
+class JsonlStream:
+    """Append-only JSONL writer that survives SIGKILL: on open, a torn last line is cut off, and the
+    complete rows already on disk are returned by :meth:`existing`. Each :meth:`write` flushes and fsyncs."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._rows: list[dict[str, Any]] = []
+        if self.path.exists():
+            data = self.path.read_bytes()
+            cut = data.rfind(b"\n") + 1
+            if cut != len(data):  # torn tail from a killed writer
+                with open(self.path, "r+b") as f:
+                    f.truncate(cut)
+                data = data[:cut]
+            for line in data.decode("utf-8").splitlines():
+                if line.strip():
+                    self._rows.append(json.loads(line))
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def existing(self) -> list[dict[str, Any]]:
+        return list(self._rows)
+
+    def write(self, rows: Iterable[dict[str, Any]]) -> None:
+        text = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows)
+        if text:
+            self._f.write(text)
+            self._f.flush()
+            os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> JsonlStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def git_revision(start: str | Path | None = None) -> str | None:
+    """The git revision of the sublim source tree (None outside a checkout)."""
+    here = Path(start) if start else Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+        rev = out.stdout.strip()
+        if out.returncode != 0 or not rev:
+            return None
+        dirty = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=5,
+        ).stdout.strip()
+        return rev + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+_PACKAGES = ("sublim", "torch", "transformers", "peft", "tokenizers", "numpy", "scipy", "pydantic", "datasets")
+
+
+def environment() -> dict[str, Any]:
+    """Package versions, python, platform and git revision, written beside every result."""
+    versions: dict[str, str | None] = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "packages": versions,
+        "git_revision": git_revision(),
+    }
+
+
+class Stage:
+    """One cached stage directory: ``<root>/stages/<name>-<key[:16]>``."""
+
+    def __init__(self, root: str | Path, name: str, config: Any, inputs: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.config = config
+        self.inputs = dict(inputs or {})
+        self.key = hash_obj({"stage": name, "config": config, "inputs": self.inputs})
+        self.dir = Path(root) / "stages" / f"{name}-{self.key[:16]}"
+
+    @property
+    def done(self) -> bool:
+        return (self.dir / DONE).exists()
+
+    def start(self) -> Path:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.dir / "stage.json", {"stage": self.name, "key": self.key,
+                                                     "config": self.config, "inputs": self.inputs})
+        return self.dir
+
+    def finish(self, summary: dict[str, Any] | None = None) -> None:
+        if summary is not None:
+            atomic_write_json(self.dir / "summary.json", summary)
+        atomic_write_text(self.dir / DONE, "")
+
+    def summary(self) -> dict[str, Any]:
+        p = self.dir / "summary.json"
+        return json.loads(p.read_text()) if p.exists() else {}
+
+
+@contextmanager
+def atomic_dir(final: str | Path) -> Iterator[Path]:
+    """Yield a temp directory beside ``final``; on success rename it into place (replacing nothing)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            import shutil
+
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
