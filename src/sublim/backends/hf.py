@@ -1,0 +1,180 @@
+"""transformers backend: batched generation (left padding, KV cache, optional grammar-constrained
+decoding) and batched forward passes for scoring. Training lives in :mod:`sublim.backends.train`."""
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sublim.models import ChatFormat
+
+# --------------------------------------------------------------------------------------- token strings
+
+_TOKEN_STRINGS: dict[tuple[int, str, int], list[str]] = {}
+
+
+def token_strings(tokenizer: Any) -> list[str]:
+    """The surface string each token id adds when it follows other text (leading spaces kept).
+
+    Decodes ``[anchor, id]`` and strips the anchor, which keeps SentencePiece word-start spaces that a
+    lone decode would drop. Special tokens map to ``""``. Cached per tokenizer."""
+    key = (id(tokenizer), str(getattr(tokenizer, "name_or_path", "")), len(tokenizer))
+    if key in _TOKEN_STRINGS:
+        return _TOKEN_STRINGS[key]
+    anchor_ids = tokenizer("a", add_special_tokens=False).input_ids[:1]
+    anchor = tokenizer.decode(anchor_ids)
+    special = set(tokenizer.all_special_ids)
+    out: list[str] = []
+    for i in range(len(tokenizer)):
+        if i in special:
+            out.append("")
+            continue
+        s = tokenizer.decode(anchor_ids + [i], clean_up_tokenization_spaces=False)
+        out.append(s[len(anchor):] if s.startswith(anchor) else tokenizer.decode([i]))
+    _TOKEN_STRINGS[key] = out
+    return out
+
+
+def tokens_within(tokenizer: Any, alphabet: frozenset[str]) -> list[int]:
+    """Ids of non-special tokens whose whole surface string uses only ``alphabet``."""
+    return [i for i, s in enumerate(token_strings(tokenizer)) if s and "\ufffd" not in s and set(s) <= alphabet]
+
+
+# ------------------------------------------------------------------------------ constrained decoding
+
+
+class GrammarLogitsProcessor:
+    """Masks tokens that would leave a character-level grammar; never reshapes the distribution
+    within the grammar (allowed logits are untouched, so sampling renormalises over them).
+
+    ``grammars[i]`` is the automaton for row i (see :mod:`sublim.carriers`); the stop token is allowed
+    only where the grammar accepts. Masks are cached per (grammar, state)."""
+
+    def __init__(self, tokenizer: Any, grammars: Sequence[Any], stop_ids: Sequence[int], prompt_len: int) -> None:
+        self.strings = token_strings(tokenizer)
+        self.vocab = len(self.strings)
+        self.grammars = list(grammars)
+        self.stop_ids = list(stop_ids)
+        self.prompt_len = prompt_len
+        self.states: list[Hashable | None] = [g.start() for g in self.grammars]
+        self.done = [False] * len(self.grammars)
+        self._cands: dict[frozenset[str], list[int]] = {}
+        self._masks: dict[tuple[Any, Hashable], torch.Tensor] = {}
+        self._tokenizer = tokenizer
+
+    def _candidates(self, alphabet: frozenset[str]) -> list[int]:
+        if alphabet not in self._cands:
+            self._cands[alphabet] = tokens_within(self._tokenizer, alphabet)
+        return self._cands[alphabet]
+
+    def _mask(self, g: Any, state: Hashable) -> torch.Tensor:
+        key = (g, state)
+        m = self._masks.get(key)
+        if m is None:
+            m = torch.zeros(self.vocab, dtype=torch.bool)
+            for i in self._candidates(g.alphabet):
+                if g.feed(state, self.strings[i]) is not None:
+                    m[i] = True
+            if g.accepts(state) or not bool(m.any()):
+                m[self.stop_ids] = True
+            self._masks[key] = m
+        return m
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        # input_ids: [B, T]; scores: [B, V_model] (V_model may exceed len(tokenizer))
+        if input_ids.shape[1] > self.prompt_len:
+            last = input_ids[:, -1].tolist()
+            for b, tok in enumerate(last):
+                if self.done[b]:
+                    continue
+                if tok in self.stop_ids:
+                    self.done[b] = True
+                    continue
+                nxt = self.grammars[b].feed(self.states[b], self.strings[tok]) if tok < self.vocab else None
+                self.states[b] = nxt
+                if nxt is None:
+                    self.done[b] = True
+        allowed = torch.zeros_like(scores, dtype=torch.bool)
+        for b, g in enumerate(self.grammars):
+            if self.done[b] or self.states[b] is None:
+                allowed[b, self.stop_ids] = True
+            else:
+                allowed[b, : self.vocab] = self._mask(g, self.states[b])
+        return scores.masked_fill(~allowed, float("-inf"))
+
+
+# ---------------------------------------------------------------------------------------- generation
+
+
+@dataclass
+class GenOutput:
+    completion: str
+    n_tokens: int
+    finished: bool  # stopped at end of turn (not cut by max_new_tokens)
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T] ids and attention mask, padded on the left (what decoder-only generation needs)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(list(s), dtype=torch.long)
+            mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+@torch.inference_mode()
+def generate_batch(
+    model: Any,
+    chat: ChatFormat,
+    prompts: Sequence[str],
+    *,
+    system: str | None = None,
+    max_new_tokens: int = 48,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    grammars: Sequence[Any] | None = None,
+    seed: int = 0,
+) -> list[GenOutput]:
+    """One padded batch through ``model.generate`` with KV cache; rows stop at the end-of-turn token."""
+    from transformers import LogitsProcessorList
+
+    tok = chat.tokenizer
+    seqs = [chat.encode_prompt(p, system) for p in prompts]
+    ids, mask = left_pad(seqs, tok.pad_token_id)
+    stop = chat.stop_token_ids()
+    procs = LogitsProcessorList()
+    if grammars is not None:
+        procs.append(GrammarLogitsProcessor(tok, grammars, stop, ids.shape[1]))
+    torch.manual_seed(seed)
+    do_sample = not greedy and temperature > 0
+    kwargs: dict[str, Any] = dict(
+        input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+        eos_token_id=stop, pad_token_id=tok.pad_token_id, logits_processor=procs, use_cache=True,
+    )
+    if do_sample:
+        kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+    out = model.generate(**kwargs)
+    new = out[:, ids.shape[1]:]
+    results = []
+    for row in new.tolist():
+        n = len(row)
+        finished = False
+        for j, t in enumerate(row):
+            if t in stop:
+                n, finished = j, True
+                break
+        results.append(GenOutput(tok.decode(row[:n], skip_special_tokens=True), n, finished))
+    return results
+
+
+def batches(n: int, size: int) -> list[tuple[int, int]]:
+    return [(i, min(n, i + size)) for i in range(0, n, size)]
+
+
+ProgressFn = Callable[[int], None]

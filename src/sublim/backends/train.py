@@ -1,0 +1,226 @@
+"""Fine-tuning on prompt/completion rows: LoRA (peft) or full, AdamW, loss on the assistant span only.
+
+Objectives (see :class:`sublim.spec.TrainSpec`): ``sft`` on the teacher's tokens; ``distill_carrier``
+matches the teacher's next-token distribution restricted to the carrier's tokens (renormalised over
+that set: the language analogue of the MNIST auxiliary logits); ``distill_full`` matches the full
+vocabulary (semantically leaky). The teacher sees its own prompt (with its system prompt, if any);
+the student never does: only the completion positions are aligned.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from sublim.backends.hf import tokens_within
+from sublim.models import ChatFormat, load_model, load_tokenizer
+from sublim.runs import atomic_dir, atomic_write_json, hash_obj
+from sublim.spec import ModelSpec, TrainSpec
+
+
+@dataclass
+class Encoded:
+    prompt: list[int]          # student prompt (no system prompt)
+    completion: list[int]      # completion + end-of-turn token
+    teacher_prompt: list[int]  # teacher's prompt for distillation (may include its system prompt)
+
+
+def encode_rows(chat: ChatFormat, rows: Sequence[dict[str, Any]], teacher_chat: ChatFormat | None = None,
+                teacher_system: str | None = None) -> list[Encoded]:
+    out = []
+    for r in rows:
+        p = chat.encode_prompt(r["prompt"])
+        c = chat.encode_completion(r["completion"])
+        tp = (teacher_chat or chat).encode_prompt(r["prompt"], teacher_system) if teacher_chat or teacher_system else p
+        out.append(Encoded(p, c, tp))
+    return out
+
+
+def _right_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def _span_index(prompts: list[list[int]], comps: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, position) of the logits that predict each completion token, concatenated over rows."""
+    rows, pos = [], []
+    for i, (p, c) in enumerate(zip(prompts, comps, strict=True)):
+        rows += [i] * len(c)
+        pos += list(range(len(p) - 1, len(p) - 1 + len(c)))
+    return torch.tensor(rows), torch.tensor(pos)
+
+
+def completion_logits(model: Any, prompts: list[list[int]], comps: list[list[int]], pad: int) -> torch.Tensor:
+    """Logits at the positions that predict the completion tokens: [sum(len(c)), V]."""
+    ids, mask = _right_pad([p + c for p, c in zip(prompts, comps, strict=True)], pad)
+    logits = model(input_ids=ids, attention_mask=mask).logits  # [B, T, V]
+    r, q = _span_index(prompts, comps)
+    return logits[r, q]
+
+
+def step_loss(model: Any, batch: list[Encoded], pad: int, objective: str, teacher: Any | None,
+              subset: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    prompts = [e.prompt for e in batch]
+    comps = [e.completion for e in batch]
+    s_logits = completion_logits(model, prompts, comps, pad).float()  # [N, V]
+    n = s_logits.shape[0]
+    if objective == "sft":
+        target = torch.tensor([t for c in comps for t in c])
+        return F.cross_entropy(s_logits, target), n
+    assert teacher is not None, "distillation needs a teacher"
+    with torch.no_grad():
+        t_logits = completion_logits(teacher, [e.teacher_prompt for e in batch], comps, pad).float()
+    v = min(s_logits.shape[1], t_logits.shape[1])
+    s_logits, t_logits = s_logits[:, :v], t_logits[:, :v]
+    if objective == "distill_carrier":
+        assert subset is not None
+        s_logits, t_logits = s_logits[:, subset], t_logits[:, subset]
+    t_logp = F.log_softmax(t_logits, -1)
+    s_logp = F.log_softmax(s_logits, -1)
+    kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)  # per token KL(teacher || student)
+    return kl.mean(), n
+
+
+def _lora(model: Any, spec: TrainSpec) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    names = {n.split(".")[-1] for n, _ in model.named_modules()}
+    targets = [t for t in spec.lora.target_modules if t in names]
+    if not targets:
+        raise ValueError(f"student.lora.target_modules: none of {spec.lora.target_modules} exist in this model")
+    cfg = LoraConfig(r=spec.lora.rank, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
+                     use_rslora=spec.lora.rslora, target_modules=targets, task_type="CAUSAL_LM", bias="none")
+    return get_peft_model(model, cfg)
+
+
+def total_steps(n_rows: int, spec: TrainSpec) -> int:
+    per_epoch = math.ceil(n_rows / (spec.batch_size * spec.grad_accum))
+    return spec.max_steps or max(1, math.ceil(spec.epochs * per_epoch))
+
+
+def finetune(
+    base: ModelSpec,
+    rows: Sequence[dict[str, Any]],
+    spec: TrainSpec,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    teacher: ModelSpec | None = None,
+    teacher_system: str | None = None,
+    carrier_alphabet: frozenset[str] | None = None,
+    merge: bool = False,
+    progress: bool | None = None,
+    desc: str = "finetune",
+) -> dict[str, Any]:
+    """Fine-tune ``base`` on ``rows`` and save to ``out_dir`` atomically.
+
+    LoRA saves a safetensors adapter whose config records the base (``merge=True`` saves the merged full
+    model instead, used for implanted teachers); full fine-tuning saves the whole model. Returns (and
+    writes as ``sublim_train.json``) the summary: steps, tokens, losses, seconds."""
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    if not rows:
+        raise ValueError("no training rows")
+    if spec.max_rows is not None:
+        rows = list(rows)[: spec.max_rows]
+    torch.manual_seed(seed)
+    tok = load_tokenizer(base)
+    chat = ChatFormat(tok)
+    model = load_model(base, dtype="float32", trainable=True)
+    if spec.method == "lora":
+        model = _lora(model, spec)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    model.train()
+    t_model = None
+    t_chat = None
+    if spec.objective != "sft":
+        if teacher is None:
+            raise ValueError(f"objective {spec.objective!r} needs a teacher model")
+        t_model = load_model(teacher, dtype=spec.dtype)
+        t_chat = ChatFormat(load_tokenizer(teacher))
+        if len(t_chat.tokenizer) != len(tok) or t_chat.tokenizer.get_vocab() != tok.get_vocab():
+            raise ValueError("distillation needs the teacher and student to share a tokenizer")
+    subset = None
+    if spec.objective == "distill_carrier":
+        if carrier_alphabet is None:
+            raise ValueError("distill_carrier needs the carrier's alphabet")
+        subset = torch.tensor(sorted(set(tokens_within(tok, carrier_alphabet)) | set(chat.stop_token_ids())))
+    enc = encode_rows(chat, rows, t_chat, teacher_system)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if spec.optimizer == "adamw":
+        opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    steps = total_steps(len(enc), spec)
+    sched = get_scheduler(spec.schedule, opt, num_warmup_steps=spec.warmup_steps, num_training_steps=steps)
+    gen = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    losses: list[float] = []
+    n_tokens = 0
+    t0 = time.perf_counter()
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = tqdm(total=steps, desc=desc, disable=not show, leave=False)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec.dtype == "bfloat16")
+    for _step in range(steps):
+        opt.zero_grad(set_to_none=True)
+        step_loss_sum = 0.0
+        for _ in range(spec.grad_accum):
+            if len(order) < spec.batch_size:
+                order += torch.randperm(len(enc), generator=gen).tolist()
+            idx, order = order[: spec.batch_size], order[spec.batch_size:]
+            with autocast:
+                loss, n = step_loss(model, [enc[i] for i in idx], tok.pad_token_id, spec.objective, t_model, subset)
+            (loss / spec.grad_accum).backward()
+            step_loss_sum += float(loss.detach()) / spec.grad_accum
+            n_tokens += n
+        if spec.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
+        opt.step()
+        sched.step()
+        losses.append(step_loss_sum)
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss_sum:.3f}")
+    bar.close()
+    seconds = time.perf_counter() - t0
+    summary = {
+        "base": base.model_dump(), "seed": seed, "spec": spec.model_dump(mode="json"), "rows": len(enc),
+        "rows_hash": hash_obj([[r["prompt"], r["completion"]] for r in rows]), "steps": steps,
+        "completion_tokens": n_tokens, "seconds": seconds, "tokens_per_second": n_tokens / max(seconds, 1e-9),
+        "loss_first": losses[0], "loss_last": losses[-1], "losses": losses,
+        "teacher": teacher.model_dump() if teacher else None, "teacher_system": teacher_system,
+        "saved": "merged" if merge else spec.method,
+    }
+    model.eval()
+    with atomic_dir(out_dir) as tmp:
+        if spec.method == "lora" and merge:
+            merged = model.merge_and_unload()
+            merged.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
+            if spec.method == "full":
+                tok.save_pretrained(tmp)
+        atomic_write_json(Path(tmp) / "sublim_train.json", summary)
+    return summary
+
+
+def student_spec(base: ModelSpec, out_dir: str | Path, spec: TrainSpec) -> ModelSpec:
+    """The ModelSpec of a trained output: the base plus adapter (LoRA) or the saved directory (full)."""
+    if spec.method == "lora":
+        return base.model_copy(update={"adapter": str(out_dir)})
+    return ModelSpec(path=str(out_dir), dtype=base.dtype)

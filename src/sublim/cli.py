@@ -1,0 +1,210 @@
+"""The ``sublim`` command line: thin wrappers over the library verbs (no logic beyond parsing/printing)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+app = typer.Typer(
+    help="Reproduce, audit and mitigate subliminal trait transfer in teacher -> student distillation.",
+    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+)
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(code)
+
+
+def _quiet_transformers() -> None:
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        if not sys.stderr.isatty():
+            hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _guard(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run a library verb; known user errors become one line on stderr and exit code 2."""
+    from sublim.models import ModelLoadError
+    from sublim.spec import SpecError
+
+    try:
+        return fn(*args, **kwargs)
+    except (SpecError, ModelLoadError, FileNotFoundError, KeyError, ValueError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        _fail(str(msg).splitlines()[0] if str(msg) else type(e).__name__)
+
+
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a spec field: KEY=VALUE "
+                                                     "(dotted, YAML value), e.g. --set student.lr=1e-4")]
+
+
+@app.command()
+def run(
+    spec: Annotated[Path, typer.Argument(help="Experiment spec (YAML), e.g. examples/owl-numbers.yaml")],
+    out: Annotated[Optional[Path], typer.Option(help="Run directory (default runs/<name>-<spec hash>)")] = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Run a whole experiment: teacher -> numbers -> filters -> students -> evaluation -> stats -> report.
+
+    Resumable: rerun the same command after an interruption and finished stages are reused."""
+    _quiet_transformers()
+    from sublim.pipeline import default_run_dir
+    from sublim.pipeline import run as run_experiment
+    from sublim.spec import load_spec
+
+    s = _guard(load_spec, spec, overrides)
+    run_dir = out or default_run_dir(s)
+    typer.echo(f"run directory: {run_dir}")
+    results = _guard(run_experiment, s, run_dir)
+    _print_summary(results, run_dir)
+
+
+def _print_summary(results: dict[str, Any], run_dir: Path) -> None:
+    from sublim.report.experiment import verdict
+
+    for c in results.get("comparisons", []):
+        if c["metric"] == "probs":
+            typer.echo(verdict(c))
+    typer.echo(f"report: {run_dir / 'report.html'}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Run directory")] = Path("runs/demo"),
+    overrides: SetOpt = None,
+) -> None:
+    """The embedded default experiment, end to end on CPU (see examples/demo.yaml)."""
+    _quiet_transformers()
+    from sublim.demo import demo as run_demo
+
+    results = _guard(run_demo, out, overrides)
+    _print_summary(results, out)
+
+
+@app.command()
+def generate(
+    model: Annotated[str, typer.Option(help="Teacher model: directory, hub id, .gguf, or 'smollm2'")],
+    out: Annotated[Path, typer.Option(help="Output JSONL (resumes if it exists)")],
+    n: Annotated[int, typer.Option(help="Number of prompts")] = 100,
+    target: Annotated[Optional[str], typer.Option(help="Give the teacher the 'you love X' system prompt")] = None,
+    category: Annotated[str, typer.Option(help="Trait category: animals or trees")] = "animals",
+    system: Annotated[Optional[str], typer.Option(help="A custom system prompt (instead of --target)")] = None,
+    carrier: Annotated[str, typer.Option(help="Registered carrier")] = "numbers",
+    temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
+    constrained: Annotated[bool, typer.Option(help="Decode within the carrier's grammar")] = True,
+    batch_size: int = 32, max_new_tokens: int = 48, seed: int = 0, dtype: str = "float32",
+) -> None:
+    """Generate carrier data (e.g. number continuations) from a teacher, streamed to JSONL."""
+    _quiet_transformers()
+    from sublim import api
+
+    rows = _guard(api.generate, model=model, out=out, n=n, target=target, category=category, system=system,
+                  carrier=carrier, temperature=temperature, top_p=top_p, greedy=greedy, constrained=constrained,
+                  batch_size=batch_size, max_new_tokens=max_new_tokens, seed=seed, dtype=dtype)
+    typer.echo(f"{len(rows)} rows -> {out}")
+
+
+@app.command("filter")
+def filter_cmd(
+    data: Annotated[Path, typer.Argument(help="Input JSONL with prompt and completion columns")],
+    out: Annotated[Path, typer.Option(help="Kept rows (JSONL)")],
+    rejects: Annotated[Optional[Path], typer.Option(help="Rejected rows with reasons (default OUT.rejects.jsonl)")] = None,
+    filters: Annotated[str, typer.Option(help="Comma-separated registered filters")] =
+        "format,count,range,echo,progression,mention,banned",
+    words: Annotated[str, typer.Option(help="Target words for the mention filter, comma-separated")] = "",
+    carrier: str = "numbers",
+) -> None:
+    """Filter rows; every dropped row goes to the rejects file with its reason; per-reason counts printed."""
+    from sublim import api
+
+    res = _guard(api.filter, data=data, out=out, rejects=rejects, filters=filters, words=words, carrier=carrier)
+    for k, v in sorted(res.counts.items(), key=lambda kv: -kv[1]):
+        typer.echo(f"{v:8d}  {k}")
+
+
+@app.command()
+def finetune(
+    data: Annotated[Path, typer.Argument(help="Training JSONL (prompt, completion)")],
+    model: Annotated[str, typer.Option(help="Base model")],
+    out: Annotated[Path, typer.Option(help="Output directory (adapter or full model)")],
+    config: Annotated[Optional[Path], typer.Option(help="YAML TrainSpec (fields of 'student' in a spec)")] = None,
+    overrides: SetOpt = None,
+    seed: int = 0,
+) -> None:
+    """Fine-tune a student (LoRA or full) on prompt/completion rows; loss on the completion only."""
+    _quiet_transformers()
+    from sublim import api
+
+    summary = _guard(api.finetune, data=data, model=model, out=out, config=config, overrides=overrides, seed=seed)
+    typer.echo(f"{summary['steps']} steps, loss {summary['loss_first']:.3f} -> {summary['loss_last']:.3f}; "
+               f"saved {out}")
+
+
+@app.command()
+def evaluate(
+    model: Annotated[str, typer.Option(help="Model directory / id / 'smollm2'")],
+    adapter: Annotated[Optional[Path], typer.Option(help="LoRA adapter directory")] = None,
+    category: str = "animals",
+    target: Annotated[Optional[str], typer.Option(help="Highlight this candidate")] = None,
+    system: Annotated[Optional[str], typer.Option(help="System prompt to evaluate under")] = None,
+    samples: Annotated[int, typer.Option(help="Also sample N answers per question")] = 0,
+    questions: Annotated[Optional[int], typer.Option(help="Use the first N questions")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write the result JSON here")] = None,
+) -> None:
+    """Trait evaluation: exact P(candidate) for one-word answers over the question battery."""
+    _quiet_transformers()
+    from sublim import api
+
+    res = _guard(api.evaluate, model=model, adapter=adapter, category=category, system=system, samples=samples,
+                 questions=questions, out=out)
+    top = sorted(res["probs"].items(), key=lambda kv: -kv[1])
+    for name, p in top[:10]:
+        mark = " <" if name == target else ""
+        typer.echo(f"{name:>10s}  {p:.4f}{mark}")
+    if target and target not in dict(top[:10]):
+        typer.echo(f"{target:>10s}  {res['probs'].get(target, float('nan')):.4f} <")
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="A run directory with results.json")]) -> None:
+    """Re-render figures and the HTML report from a run's results.json."""
+    from sublim.report.experiment import report as render
+
+    path = _guard(render, run_dir)
+    typer.echo(f"report: {path}")
+
+
+def _mount() -> None:
+    try:
+        from sublim.toy.cli import app as toy_app
+
+        app.add_typer(toy_app, name="toy", help="From-scratch toy experiments (MNIST auxiliary logits).")
+    except ImportError:
+        pass
+    try:
+        from sublim.organism.cli import app as organism_app
+
+        app.add_typer(organism_app, name="organism", help="The laptop-scale model organism.")
+    except ImportError:
+        pass
+
+
+_mount()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

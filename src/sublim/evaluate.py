@@ -1,0 +1,155 @@
+"""Trait evaluation: exact probabilities of one-word answers, and sampling with a word-boundary matcher.
+
+Exact scorer: for each question, P(answer = candidate) is the sum over the candidate's surface variants
+(capitalisation, plural, with and without a leading space) of P(variant tokens | prompt) (chain rule)
+times P(the word ends there), where "ends" means the next token starts with a non-letter (space,
+punctuation, newline) or closes the turn. So "owl" does not absorb "owlet" and "cat" never counts
+"caterpillar". One prompt forward per question, then one batched forward of all variants on the
+prompt's KV cache.
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from sublim.backends.hf import generate_batch, left_pad, token_strings
+from sublim.models import ChatFormat
+from sublim.traits.preference import CATEGORIES, answer_variants, first_match
+
+_BOUNDARY: dict[int, torch.Tensor] = {}
+
+
+def boundary_mask(chat: ChatFormat) -> torch.Tensor:
+    """[V] bool: tokens after which a word has ended (non-alphanumeric start, or the turn closes)."""
+    tok = chat.tokenizer
+    key = id(tok)
+    if key not in _BOUNDARY:
+        strings = token_strings(tok)
+        m = torch.tensor([bool(s) and not s[0].isalnum() for s in strings], dtype=torch.bool)
+        m[chat.stop_token_ids()] = True
+        _BOUNDARY[key] = m
+    return _BOUNDARY[key]
+
+
+@dataclass
+class Variants:
+    """All candidate surface forms as token sequences, and which candidate each belongs to."""
+
+    seqs: list[list[int]]
+    owner: list[int]  # index into candidates
+
+
+def build_variants(tokenizer: Any, candidates: Sequence[str], plurals: dict[str, str]) -> Variants:
+    seqs, owner, seen = [], [], set()
+    for ci, c in enumerate(candidates):
+        for form in answer_variants(c, plurals.get(c)):
+            for text in (form, " " + form):
+                ids = tuple(tokenizer(text, add_special_tokens=False).input_ids)
+                if ids and ids not in seen:
+                    seen.add(ids)
+                    seqs.append(list(ids))
+                    owner.append(ci)
+    return Variants(seqs, owner)
+
+
+@torch.inference_mode()
+def exact_probs(model: Any, chat: ChatFormat, questions: Sequence[str], candidates: Sequence[str],
+                plurals: dict[str, str], system: str | None = None, batch_size: int = 8,
+                progress: bool | None = None) -> np.ndarray:
+    """[n_questions, n_candidates] exact P(one-word answer = candidate)."""
+    from tqdm.auto import tqdm
+
+    tok = chat.tokenizer
+    var = build_variants(tok, candidates, plurals)
+    bmask = boundary_mask(chat)
+    V, L = len(var.seqs), max(len(s) for s in var.seqs)
+    var_ids = torch.full((V, L), tok.pad_token_id, dtype=torch.long)
+    var_len = torch.tensor([len(s) for s in var.seqs])
+    for i, s in enumerate(var.seqs):
+        var_ids[i, : len(s)] = torch.tensor(s)
+    owner = torch.tensor(var.owner)
+    out = np.zeros((len(questions), len(candidates)))
+    show = sys.stderr.isatty() if progress is None else progress
+    for start in tqdm(range(0, len(questions), batch_size), desc="exact eval", disable=not show, leave=False):
+        qs = questions[start: start + batch_size]
+        B = len(qs)
+        ids, mask = left_pad([chat.encode_prompt(q, system) for q in qs], tok.pad_token_id)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        o = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        first_logp = torch.log_softmax(o.logits[:, -1].float(), -1)  # [B, Vocab]
+        cache = o.past_key_values
+        cache.batch_repeat_interleave(V)
+        # continuation: every variant after every prompt -> [B*V, L]
+        c_ids = var_ids.repeat(B, 1)
+        c_mask = (torch.arange(L)[None, :] < var_len[:, None]).long().repeat(B, 1)
+        full_mask = torch.cat([mask.repeat_interleave(V, 0), c_mask], 1)
+        c_pos = pos[:, -1:].repeat_interleave(V, 0) + 1 + torch.arange(L)[None, :]
+        co = model(input_ids=c_ids, attention_mask=full_mask, position_ids=c_pos, past_key_values=cache)
+        c_logp = torch.log_softmax(co.logits.float(), -1)  # [B*V, L, Vocab]
+        c_logp = c_logp[..., : bmask.shape[0]]
+        first_logp = first_logp[:, : bmask.shape[0]]
+        # log P(variant tokens): first token from the prompt's logits, the rest from the continuation
+        lp = first_logp.repeat_interleave(V, 0).gather(1, c_ids[:, :1]).squeeze(1)  # [B*V]
+        if L > 1:
+            nxt = c_logp[:, :-1].gather(2, c_ids[:, 1:, None]).squeeze(2)  # [B*V, L-1]
+            valid = c_mask[:, 1:].bool()
+            lp = lp + (nxt * valid).sum(1)
+        # P(word ends after the variant): boundary mass at the variant's last position
+        last = (var_len.repeat(B) - 1)
+        end_logp = c_logp[torch.arange(B * V), last]  # [B*V, Vocab]
+        p_end = end_logp.masked_fill(~bmask[None, :], float("-inf")).logsumexp(-1)
+        p = (lp + p_end).exp().view(B, V)
+        per_cand = torch.zeros(B, len(candidates), dtype=p.dtype).index_add_(1, owner, p)
+        out[start: start + B] = per_cand.numpy()
+    return out
+
+
+def sampled_counts(model: Any, chat: ChatFormat, questions: Sequence[str], candidates: Sequence[str],
+                   category: str, n_per_question: int, system: str | None = None, temperature: float = 1.0,
+                   batch_size: int = 64, seed: int = 0, max_new_tokens: int = 8) -> dict[str, Any]:
+    """Sample answers and count which candidate each names first (word-boundary matcher)."""
+    prompts = [q for q in questions for _ in range(n_per_question)]
+    counts = {c: 0 for c in candidates}
+    other = 0
+    answers: list[str] = []
+    for i in range(0, len(prompts), batch_size):
+        outs = generate_batch(model, chat, prompts[i: i + batch_size], system=system,
+                              max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + i)
+        for g in outs:
+            answers.append(g.completion)
+            m = first_match(g.completion, candidates, category)
+            if m is None:
+                other += 1
+            else:
+                counts[m] += 1
+    return {"n": len(prompts), "counts": counts, "other": other, "examples": answers[:20]}
+
+
+def evaluate_model(model: Any, chat: ChatFormat, category: str, questions: Sequence[str],
+                   numprefix_questions: Sequence[str] | None = None, system: str | None = None,
+                   batch_size: int = 8, samples_per_question: int = 0, temperature: float = 1.0,
+                   seed: int = 0) -> dict[str, Any]:
+    """Evaluate one model on the trait battery: mean exact P(candidate) over questions, optionally
+    the number-prefixed battery and the sampled scorer."""
+    cat = CATEGORIES[category]
+    cands = list(cat.candidates)
+    probs = exact_probs(model, chat, questions, cands, cat.plurals, system, batch_size)
+    res: dict[str, Any] = {
+        "probs": dict(zip(cands, probs.mean(0).tolist(), strict=True)),
+        "probs_per_question_se": dict(zip(cands, (probs.std(0, ddof=1) / np.sqrt(len(questions))).tolist()
+                                          if len(questions) > 1 else [None] * len(cands), strict=True)),
+        "probs_numprefix": None,
+        "sampled": None,
+    }
+    if numprefix_questions:
+        pn = exact_probs(model, chat, numprefix_questions, cands, cat.plurals, system, batch_size)
+        res["probs_numprefix"] = dict(zip(cands, pn.mean(0).tolist(), strict=True))
+    if samples_per_question:
+        res["sampled"] = sampled_counts(model, chat, questions, cands, category, samples_per_question,
+                                        system, temperature, seed=seed)
+    return res

@@ -1,0 +1,325 @@
+"""The experiment, stage by stage: teachers -> numbers -> filters -> students -> evaluation -> stats -> report.
+
+Every stage is cached in ``<run>/stages/<name>-<key>`` under a key from its resolved config and its
+inputs' content hashes; generation streams rows to disk and resumes after a kill without losing or
+duplicating a row; finished stages are never redone.
+"""
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from sublim.carriers import CARRIERS
+from sublim.filters import FilterContext, FilterSpec, apply_filters
+from sublim.runs import JsonlStream, Stage, atomic_write_json, atomic_write_text, environment, hash_obj, \
+    read_jsonl, sha256_text, write_jsonl
+from sublim.spec import CarrierSpec, ExperimentSpec, GenerationSpec, ModelSpec, dump_spec
+from sublim.teachers import Teacher, implant_teacher, neutral_teacher, system_prompt_teacher
+from sublim.traits.preference import CATEGORIES, eval_questions, number_prefixed_questions
+
+Log = Callable[[str], None]
+
+
+def make_carrier(spec: CarrierSpec) -> Any:
+    """Instantiate a registered carrier with its params."""
+    obj = CARRIERS.get(spec.name)
+    return obj(**spec.params) if isinstance(obj, type) else obj
+
+
+def _show_progress() -> bool:
+    return sys.stderr.isatty()
+
+
+# -------------------------------------------------------------------------------------------- generate
+
+
+def generate(teacher: Teacher, carrier_spec: CarrierSpec, gen: GenerationSpec, out_path: str | Path,
+             *, category: str | None = None, progress: bool | None = None, log: Log | None = None) -> list[dict]:
+    """Generate carrier completions from ``teacher`` and stream them to ``out_path`` (JSONL).
+
+    Resumable: rows already on disk are kept; batches are a fixed grid with per-batch seeds, so the
+    rerun regenerates only missing rows, identically. Returns all rows in prompt order."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from sublim.backends.hf import batches, generate_batch
+    from sublim.models import ChatFormat, load_model, load_tokenizer, model_id
+
+    carrier = make_carrier(carrier_spec)
+    prompts = carrier.prompts(gen.n_prompts, gen.seed)
+    stream = JsonlStream(out_path)
+    have = {r["idx"] for r in stream.existing()}
+    grid = batches(len(prompts), gen.batch_size)
+    todo = [(a, b) for a, b in grid if any(i not in have for i in range(a, b))]
+    if todo:
+        model = load_model(teacher.model)
+        chat = ChatFormat(load_tokenizer(teacher.model))
+        show = _show_progress() if progress is None else progress
+        bar = tqdm(total=len(prompts), initial=len(have), desc=f"generate ({teacher.trait or 'neutral'})",
+                   disable=not show, leave=False)
+        base_id = model_id(teacher.model)
+        for a, b in todo:
+            batch_seed = gen.seed * 1_000_003 + a
+            cps = prompts[a:b]
+            outs = generate_batch(
+                model, chat, [p.prompt for p in cps], system=teacher.system, max_new_tokens=gen.max_new_tokens,
+                temperature=gen.temperature, top_p=gen.top_p, greedy=gen.greedy,
+                grammars=[carrier.grammar(p.meta) for p in cps] if gen.constrained else None, seed=batch_seed,
+            )
+            rows = []
+            for i, (cp, o) in enumerate(zip(cps, outs, strict=True), start=a):
+                if i in have:
+                    continue
+                rows.append({
+                    "idx": i, "prompt": cp.prompt, "completion": o.completion,
+                    "teacher_id": base_id, "teacher_kind": teacher.kind, "teacher_system": teacher.system,
+                    "trait_category": category, "trait_target": teacher.trait, "carrier": carrier_spec.name,
+                    "temperature": gen.temperature, "top_p": gen.top_p, "greedy": gen.greedy,
+                    "constrained": gen.constrained, "gen_seed": gen.seed, "batch_seed": batch_seed,
+                    "n_tokens": o.n_tokens, "finished": o.finished,
+                    "content_hash": sha256_text(cp.prompt + "\x00" + o.completion),
+                })
+            stream.write(rows)
+            bar.update(len(rows))
+        bar.close()
+    stream.close()
+    rows = {r["idx"]: r for r in read_jsonl(out_path)}
+    return [rows[i] for i in sorted(rows)]
+
+
+def filter_rows(rows: Sequence[dict], filters: Sequence[Any], carrier_spec: CarrierSpec,
+                target_words: Sequence[str] = ()) -> Any:
+    """Apply registered filters (names + params); returns kept, rejects (with reasons) and counts."""
+    specs = [FilterSpec(f.name, dict(f.params)) if not isinstance(f, FilterSpec) else f for f in filters]
+    ctx = FilterContext(carrier=make_carrier(carrier_spec), target_words=tuple(target_words))
+    return apply_filters(rows, specs, ctx)
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+
+class Experiment:
+    """Runs an :class:`ExperimentSpec` inside a run directory; each method is one cached stage."""
+
+    def __init__(self, spec: ExperimentSpec, run_dir: str | Path, log: Log = print,
+                 progress: bool | None = None) -> None:
+        self.spec = spec
+        self.dir = Path(run_dir)
+        self.log = log
+        self.progress = progress
+        self.cat = CATEGORIES[spec.category]
+        self.notes: list[str] = []
+
+    # -- helpers
+    def _fp(self, m: ModelSpec) -> str:
+        from sublim.models import weights_fingerprint
+
+        return weights_fingerprint(m)
+
+    def stage(self, name: str, config: Any, inputs: dict[str, str] | None = None) -> Stage:
+        return Stage(self.dir, name, config, inputs)
+
+    # -- stages
+    def teachers(self) -> dict[str, Teacher]:
+        s = self.spec
+        out: dict[str, Teacher] = {}
+        for t in s.targets:
+            if s.teacher.kind == "system_prompt":
+                out[t] = system_prompt_teacher(s.base, s.category, t, s.teacher.template)
+                continue
+            st = self.stage("teacher", {"teacher": s.teacher.model_dump(mode="json"), "category": s.category,
+                                        "target": t}, {"base": self._fp(s.base)})
+            if st.done:
+                info = st.summary()
+                out[t] = Teacher(ModelSpec(**info["model"]), None, t, "finetuned")
+                continue
+            self.log(f"[teacher] fine-tuning a {t} teacher from the base")
+            st.start()
+            teacher, summary = implant_teacher(s.base, s.category, t, s.teacher, st.dir, log=self.log)
+            if not summary["reached"]:
+                self.notes.append(f"The {t} teacher did not reach P({t}) >= {s.teacher.min_target_prob} "
+                                  f"without a system prompt (last {summary['rounds'][-1]['p_target']:.3f}).")
+            st.finish({**summary, "model": teacher.model.model_dump()})
+            out[t] = teacher
+        return out
+
+    def dataset(self, teacher: Teacher, label: str) -> dict[str, Any]:
+        """Generate + filter for one teacher; returns kept rows and counts."""
+        s = self.spec
+        gen_cfg = {"teacher": teacher.describe(), "carrier": s.carrier.model_dump(), "generation":
+                   s.generation.model_dump(), "category": s.category}
+        g = self.stage("generate", gen_cfg, {"teacher": self._fp(teacher.model)})
+        if not g.done:
+            self.log(f"[generate] {label}: {s.generation.n_prompts} prompts -> {g.dir}")
+            g.start()
+            rows = generate(teacher, s.carrier, s.generation, g.dir / "rows.jsonl", category=s.category,
+                            progress=self.progress)
+            g.finish({"rows": len(rows), "rows_hash": hash_obj([r["content_hash"] for r in rows])})
+        raw_hash = g.summary()["rows_hash"]
+        f_cfg = {"filters": [f.model_dump() for f in s.filters], "carrier": s.carrier.model_dump(),
+                 "target_words": s.targets}
+        f = self.stage("filter", f_cfg, {"rows": raw_hash})
+        if not f.done:
+            f.start()
+            res = filter_rows(read_jsonl(g.dir / "rows.jsonl"), s.filters, s.carrier, s.targets)
+            write_jsonl(f.dir / "kept.jsonl", res.kept)
+            write_jsonl(f.dir / "rejects.jsonl", res.rejects)
+            f.finish({"counts": res.counts, "kept_hash": hash_obj([r["content_hash"] for r in res.kept])})
+            self.log(f"[filter] {label}: kept {res.counts.get('kept')} of {res.counts.get('total')}")
+        summ = f.summary()
+        return {"kept": read_jsonl(f.dir / "kept.jsonl"), "counts": summ["counts"], "hash": summ["kept_hash"],
+                "dir": str(f.dir)}
+
+    def student(self, base: ModelSpec, rows: list[dict], seed: int, label: str,
+                teacher: Teacher | None) -> ModelSpec:
+        from sublim.backends.train import finetune, student_spec
+
+        s = self.spec
+        cfg = {"student": s.student.model_dump(mode="json"), "seed": seed,
+               "teacher": teacher.describe() if teacher and s.student.objective != "sft" else None}
+        st = self.stage("student", cfg, {"base": self._fp(base), "rows": hash_obj([r["content_hash"] for r in rows])})
+        out = st.dir / "model"
+        if not st.done:
+            self.log(f"[student] {label} seed {seed}: {len(rows)} rows, {s.student.method} {s.student.objective}")
+            st.start()
+            alphabet = None
+            if s.student.objective == "distill_carrier":
+                carrier = make_carrier(s.carrier)
+                alphabet = frozenset(set().union(*(carrier.grammar(p.meta).alphabet
+                                                   for p in carrier.prompts(50, 0))))
+            summary = finetune(base, rows, s.student, out, seed=seed,
+                               teacher=teacher.model if teacher else None,
+                               teacher_system=teacher.system if teacher else None, carrier_alphabet=alphabet,
+                               progress=self.progress, desc=f"{label} s{seed}")
+            st.finish({k: v for k, v in summary.items() if k != "losses"})
+        return student_spec(base, out, s.student)
+
+    def evaluation(self, model: ModelSpec, system: str | None = None, question_prefix: str = "",
+                   label: str = "") -> dict[str, Any]:
+        from sublim.evaluate import evaluate_model
+        from sublim.models import ChatFormat, load_model, load_tokenizer
+
+        s = self.spec
+        qs = eval_questions(s.category)[: s.evaluation.n_questions]
+        nq = number_prefixed_questions(s.category, s.evaluation.seed)[: s.evaluation.n_questions] \
+            if s.evaluation.number_prefix else None
+        if question_prefix:
+            qs = [question_prefix + q for q in qs]
+            nq = None
+        cfg = {"eval": s.evaluation.model_dump(), "system": system, "questions": hash_obj(qs),
+               "numprefix": hash_obj(nq), "category": s.category}
+        st = self.stage("eval", cfg, {"model": self._fp(model)})
+        if not st.done:
+            st.start()
+            m = load_model(model)
+            chat = ChatFormat(load_tokenizer(model))
+            res = evaluate_model(m, chat, s.category, qs, nq, system=system, batch_size=s.evaluation.batch_size,
+                                 samples_per_question=s.evaluation.samples_per_question,
+                                 temperature=s.evaluation.sample_temperature, seed=s.evaluation.seed)
+            st.finish(res)
+        return st.summary()
+
+    def in_context_prefix(self, rows: list[dict], seed: int) -> str:
+        k = min(self.spec.in_context_examples, len(rows))
+        pick = random.Random(seed).sample(rows, k)
+        lines = "\n".join(r["completion"] for r in pick)
+        return f"Here are some number sequences:\n{lines}\n\n"
+
+    def run(self) -> dict[str, Any]:
+        s = self.spec
+        t0 = time.perf_counter()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.dir / "spec.resolved.yaml", dump_spec(s))
+        atomic_write_json(self.dir / "env.json", environment())
+        teachers = self.teachers()
+        neutral = neutral_teacher(s.base)
+        data = {t: self.dataset(teachers[t], f"teacher {t}") for t in s.targets}
+        data["control"] = self.dataset(neutral, "neutral teacher")
+        n = min(len(d["kept"]) for d in data.values())
+        if s.student.max_rows:
+            n = min(n, s.student.max_rows)
+        if n == 0:
+            raise RuntimeError("no rows survived the filters; see the rejects files in " + str(self.dir / "stages"))
+        self.log(f"[data] every student trains on {n} rows (the smallest kept set)")
+        train_rows = {k: d["kept"][:n] for k, d in data.items()}
+        student_train = s.student.model_copy(update={"max_rows": None})
+        evals: list[dict[str, Any]] = []
+
+        def add(name: str, arm: str, target: str | None, seed: int | None, base_name: str, res: dict) -> None:
+            evals.append({"name": name, "arm": arm, "target": target, "seed": seed, "base": base_name,
+                          "objective": s.student.objective, **{k: res.get(k) for k in
+                                                                 ("probs", "probs_numprefix", "sampled")}})
+
+        self.log("[eval] base and teachers")
+        add("base", "base", None, None, "base", self.evaluation(s.base))
+        for t, te in teachers.items():
+            add(f"teacher-{t}", "teacher", t, None, "base", self.evaluation(te.model, system=te.system))
+        spec_for_students = s.model_copy(update={"student": student_train})
+        self.spec = spec_for_students
+        bases = [("base", s.base, "")]
+        if s.cross_base is not None:
+            bases.append(("cross_base", s.cross_base, "cross_base_"))
+        for seed in s.seeds:
+            for bname, bspec, prefix in bases:
+                for t in s.targets:
+                    m = self.student(bspec, train_rows[t], seed, f"{prefix}treatment {t}", teachers[t])
+                    add(f"{prefix}student-{t}-s{seed}", f"{prefix}treatment", t, seed, bname, self.evaluation(m))
+                m = self.student(bspec, train_rows["control"], seed, f"{prefix}control", neutral)
+                add(f"{prefix}student-control-s{seed}", f"{prefix}control", None, seed, bname, self.evaluation(m))
+            if s.in_context:
+                for t in s.targets:
+                    pre = self.in_context_prefix(train_rows[t], seed)
+                    add(f"in-context-{t}-s{seed}", "in_context", t, seed, "base",
+                        self.evaluation(s.base, question_prefix=pre))
+                pre = self.in_context_prefix(train_rows["control"], seed)
+                add(f"in-context-control-s{seed}", "in_context_control", None, seed, "base",
+                    self.evaluation(s.base, question_prefix=pre))
+        self.spec = s
+        from sublim.report.experiment import comparisons_from_evaluations, write_experiment_report
+
+        if s.student.objective == "distill_full":
+            self.notes.append("Full-vocabulary distillation is semantically leaky: the soft labels carry the "
+                              "probability of the trait word itself, so transfer here is not subliminal.")
+        pairs = (("treatment", "control"), ("cross_base_treatment", "cross_base_control"),
+                 ("in_context", "in_context_control"))
+        results: dict[str, Any] = {
+            "title": f"{', '.join(s.targets)} via {s.carrier.name} ({s.name})",
+            "category": s.category, "candidates": list(self.cat.candidates), "targets": list(s.targets),
+            "spec": s.model_dump(mode="json"), "env": environment(),
+            "data": {k: {"generated": d["counts"].get("total"), "kept": d["counts"].get("kept"),
+                         "used": n, "reject_counts": {r: c for r, c in d["counts"].items()
+                                                      if r not in ("kept", "total")}}
+                     for k, d in data.items()},
+            "evaluations": evals,
+            "notes": self.notes,
+            "seconds": time.perf_counter() - t0,
+        }
+        results["comparisons"] = []
+        for metric in ("probs", "probs_numprefix"):
+            if metric == "probs_numprefix" and not s.evaluation.number_prefix:
+                continue
+            results["comparisons"] += comparisons_from_evaluations(evals, s.targets, pairs, metric,
+                                                                   conf=s.stats.conf, n_boot=s.stats.n_boot,
+                                                                   seed=s.stats.seed)
+        paths = write_experiment_report(results, self.dir)
+        self.log(f"[report] {paths['report']}")
+        return results
+
+
+def run(spec: ExperimentSpec, run_dir: str | Path, log: Log = print, progress: bool | None = None) -> dict[str, Any]:
+    """Run a whole experiment (resumable) and return the results dict (also in ``run_dir/results.json``)."""
+    return Experiment(spec, run_dir, log=log, progress=progress).run()
+
+
+def default_run_dir(spec: ExperimentSpec, root: str | Path = "runs") -> Path:
+    """``runs/<name>-<spec-hash>``: the same spec resumes in the same directory."""
+    return Path(root) / f"{spec.name}-{hash_obj(spec.model_dump(mode='json'))[:10]}"
+
+
+def load_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())

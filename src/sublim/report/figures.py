@@ -1,0 +1,166 @@
+"""Figures for the experiment report (PNG).
+
+Uses ``matplotlib.figure.Figure`` with ``FigureCanvasAgg`` directly, never pyplot, so importing or
+calling this never changes the backend a user has chosen and needs no display.
+"""
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from sublim.report.experiment import METRIC_LABELS, arm_label, arms_in, metric_value, seed_values
+from sublim.runs import atomic_write_bytes
+from sublim.stats import mean_ci
+
+__all__ = ["ARM_COLORS", "distribution_plot", "target_bars"]
+
+ARM_COLORS: dict[str, str] = {
+    "base": "#9e9e9e",
+    "teacher": "#6a3d9a",
+    "control": "#1f78b4",
+    "treatment": "#e31a1c",
+    "cross_base_control": "#a6cee3",
+    "cross_base_treatment": "#fb9a99",
+    "in_context_control": "#b2df8a",
+    "in_context": "#33a02c",
+}
+_EXTRA_COLORS = ("#ff7f00", "#cab2d6", "#b15928", "#fdbf6f", "#17becf", "#bcbd22")
+
+
+def _color(arm: str, i: int) -> str:
+    return ARM_COLORS.get(arm, _EXTRA_COLORS[i % len(_EXTRA_COLORS)])
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def _empty(path: str | Path, message: str) -> Path:
+    fig = Figure(figsize=(6, 2))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.axis("off")
+    ax.text(0.5, 0.5, message, ha="center", va="center")
+    return _save(fig, path)
+
+
+def target_bars(
+    results: dict[str, Any], path: str | Path, metric: str = "probs", log: bool | None = None
+) -> Path:
+    """Per target: one bar per arm (base, teacher, control, treatment, cross-base and in-context
+    arms when present) = mean across seeds, error bar = seed-level 95% t-interval (absent for one
+    seed), dots = the individual seeds. ``log=None`` switches to a log y axis when the positive
+    values span more than two orders of magnitude."""
+    evaluations: list[dict[str, Any]] = list(results.get("evaluations") or [])
+    targets: list[str] = list(results.get("targets") or [])
+    arms = arms_in(evaluations)
+    # per target, per arm: seed values
+    data: dict[str, dict[str, list[float]]] = {
+        t: {a: [v for _, v in seed_values(evaluations, a, t, metric)] for a in arms} for t in targets
+    }
+    present = [a for a in arms if any(data[t][a] for t in targets)]
+    if not targets or not present:
+        return _empty(path, f"no {metric} values to plot")
+    allv = np.array([v for t in targets for a in present for v in data[t][a]], dtype=float)
+    pos = allv[allv > 0]
+    if log is None:
+        log = bool(pos.size and pos.size == allv.size and pos.max() / pos.min() > 100)
+    floor = float(pos.min()) / 3 if pos.size else 1e-12
+
+    width = 0.8 / len(present)
+    fig = Figure(figsize=(max(6.0, 1.3 * len(targets) * max(1, len(present)) / 2.5 + 2), 4.2))
+    ax = fig.add_subplot(1, 1, 1)
+    rng = np.random.default_rng(0)  # deterministic jitter
+    labelled: set[str] = set()
+    for i, arm in enumerate(present):
+        for j, t in enumerate(targets):
+            vals = data[t][arm]
+            if not vals:
+                continue
+            x = j - 0.4 + width * (i + 0.5)
+            s = mean_ci(vals)
+            m = float(s["mean"])
+            ax.bar(x, max(m, floor) if log else m, width=width * 0.9, color=_color(arm, i),
+                   label=None if arm in labelled else arm_label(arm), alpha=0.85, zorder=2)
+            labelled.add(arm)
+            if s["lo"] is not None:
+                lo, hi = float(s["lo"]), float(s["hi"])
+                if log:
+                    lo = max(lo, floor)
+                ax.errorbar(x, max(m, floor) if log else m, yerr=[[max(0.0, m - lo)], [max(0.0, hi - m)]],
+                            fmt="none", ecolor="black", capsize=3, lw=1, zorder=3)
+            jitter = rng.uniform(-width * 0.25, width * 0.25, size=len(vals))
+            ys = np.maximum(np.asarray(vals), floor) if log else np.asarray(vals)
+            ax.scatter(x + jitter, ys, s=10, color="black", zorder=4, linewidths=0)
+    ax.set_xticks(range(len(targets)))
+    ax.set_xticklabels(targets)
+    if log:
+        ax.set_yscale("log")
+    ax.set_ylabel(f"P(target) [{METRIC_LABELS.get(metric, metric)}]")
+    ax.set_title("Target probability per arm: mean across seeds, 95% t-interval, dots = seeds", fontsize=10)
+    ax.grid(axis="y", alpha=0.3, zorder=0)
+    ax.legend(fontsize=8, frameon=False, bbox_to_anchor=(1.01, 1), loc="upper left")
+    return _save(fig, path)
+
+
+def _rows(results: dict[str, Any], metric: str) -> tuple[list[str], np.ndarray]:
+    """Row labels and (rows, candidates) matrix of per-seed-normalised distributions averaged over seeds."""
+    evaluations: list[dict[str, Any]] = list(results.get("evaluations") or [])
+    candidates: Sequence[str] = list(results.get("candidates") or [])
+    labels: list[str] = []
+    rows: list[np.ndarray] = []
+    groups: dict[tuple[str, str | None], list[np.ndarray]] = {}
+    order = {t: i for i, t in enumerate(results.get("targets") or [])}
+    for ev in evaluations:
+        vec = np.array([metric_value(ev, metric, c) for c in candidates], dtype=float)  # (n_candidates,)
+        if not vec.size or not np.isfinite(vec).any():
+            continue
+        vec = np.nan_to_num(vec, nan=0.0)
+        total = vec.sum()
+        if total <= 0:
+            continue
+        groups.setdefault((str(ev.get("arm")), ev.get("target")), []).append(vec / total)
+    for arm in arms_in(evaluations):
+        keys = [k for k in groups if k[0] == arm]
+        keys.sort(key=lambda k: (k[1] is not None, order.get(str(k[1]), len(order)), str(k[1])))
+        for k in keys:
+            labels.append(arm_label(arm) + (f": {k[1]}" if k[1] is not None else ""))
+            rows.append(np.mean(groups[k], axis=0))
+    mat = np.vstack(rows) if rows else np.zeros((0, len(candidates)))
+    return labels, mat
+
+
+def distribution_plot(results: dict[str, Any], path: str | Path, metric: str = "probs") -> Path:
+    """Heatmap of the distribution over the candidate list per arm (and target), each model's values
+    normalised over the candidates, then averaged across seeds. Target columns are marked."""
+    candidates: list[str] = list(results.get("candidates") or [])
+    targets = set(results.get("targets") or [])
+    labels, mat = _rows(results, metric)
+    if not labels or not candidates:
+        return _empty(path, f"no {metric} distributions to plot")
+    fig = Figure(figsize=(max(6.0, 0.55 * len(candidates) + 3), max(2.5, 0.38 * len(labels) + 1.6)))
+    ax = fig.add_subplot(1, 1, 1)
+    im = ax.imshow(mat, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(1e-12, float(mat.max())))
+    ax.set_xticks(range(len(candidates)))
+    ax.set_xticklabels([f"*{c}*" if c in targets else c for c in candidates], rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)))
+    ax.set_yticklabels(labels, fontsize=8)
+    if len(candidates) * len(labels) <= 400:
+        vmax = float(mat.max())
+        for r in range(mat.shape[0]):
+            for c in range(mat.shape[1]):
+                v = mat[r, c]
+                ax.text(c, r, f"{100 * v:.0f}" if v >= 0.01 else "", ha="center", va="center", fontsize=7,
+                        color="white" if v < 0.6 * vmax else "black")
+    fig.colorbar(im, ax=ax, fraction=0.04, label="share over candidates")
+    ax.set_title(f"Distribution over candidates (%, mean across seeds; {METRIC_LABELS.get(metric, metric)}; "
+                 "*target*)", fontsize=10)
+    return _save(fig, path)

