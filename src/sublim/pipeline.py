@@ -18,7 +18,7 @@ from sublim.carriers import CARRIERS
 from sublim.filters import FilterContext, FilterSpec, apply_filters
 from sublim.runs import JsonlStream, Stage, atomic_write_json, atomic_write_text, environment, hash_obj, \
     read_jsonl, sha256_text, write_jsonl
-from sublim.spec import CarrierSpec, ExperimentSpec, GenerationSpec, ModelSpec, dump_spec
+from sublim.spec import CarrierSpec, ExperimentSpec, GenerationSpec, ModelSpec, TrainSpec, dump_spec
 from sublim.teachers import Teacher, implant_teacher, neutral_teacher, system_prompt_teacher
 from sublim.traits.preference import CATEGORIES, eval_questions, number_prefixed_questions
 
@@ -175,29 +175,57 @@ class Experiment:
         return {"kept": read_jsonl(f.dir / "kept.jsonl"), "counts": summ["counts"], "hash": summ["kept_hash"],
                 "dir": str(f.dir)}
 
-    def student(self, base: ModelSpec, rows: list[dict], seed: int, label: str,
-                teacher: Teacher | None) -> ModelSpec:
-        from sublim.backends.train import finetune, student_spec
+    def _alphabet(self) -> frozenset[str] | None:
+        if self.spec.student.objective != "distill_carrier":
+            return None
+        carrier = make_carrier(self.spec.carrier)
+        return frozenset(set().union(*(carrier.grammar(p.meta).alphabet for p in carrier.prompts(50, 0))))
 
-        s = self.spec
-        cfg = {"student": s.student.model_dump(mode="json"), "seed": seed,
-               "teacher": teacher.describe() if teacher and s.student.objective != "sft" else None}
-        st = self.stage("student", cfg, {"base": self._fp(base), "rows": hash_obj([r["content_hash"] for r in rows])})
-        out = st.dir / "model"
-        if not st.done:
-            self.log(f"[student] {label} seed {seed}: {len(rows)} rows, {s.student.method} {s.student.objective}")
-            st.start()
-            alphabet = None
-            if s.student.objective == "distill_carrier":
-                carrier = make_carrier(s.carrier)
-                alphabet = frozenset(set().union(*(carrier.grammar(p.meta).alphabet
-                                                   for p in carrier.prompts(50, 0))))
-            summary = finetune(base, rows, s.student, out, seed=seed,
-                               teacher=teacher.model if teacher else None,
-                               teacher_system=teacher.system if teacher else None, carrier_alphabet=alphabet,
-                               progress=self.progress, desc=f"{label} s{seed}")
-            st.finish({k: v for k, v in summary.items() if k != "losses"})
-        return student_spec(base, out, s.student)
+    def student_stage(self, base: ModelSpec, rows: list[dict], seed: int, teacher: Teacher | None,
+                      train: TrainSpec) -> Stage:
+        cfg = {"student": train.model_dump(mode="json", exclude={"parallel_students"}), "seed": seed,
+               "teacher": teacher.describe() if teacher and train.objective != "sft" else None}
+        return self.stage("student", cfg, {"base": self._fp(base), "rows": hash_obj([r["content_hash"] for r in rows])})
+
+    def students(self, jobs: list[dict[str, Any]], train: TrainSpec) -> None:
+        """Train every student not already finished. LoRA students of one base are trained together as
+        one batched model (``parallel_students`` at a time); full fine-tunes one by one."""
+        from sublim.backends.multi import StudentJob, finetune_many
+        from sublim.backends.train import finetune
+
+        todo = [j for j in jobs if not j["stage"].done]
+        if not todo:
+            return
+        alphabet = self._alphabet()
+        by_base: dict[str, list[dict[str, Any]]] = {}
+        for j in todo:
+            by_base.setdefault(j["base"].model_dump_json(), []).append(j)
+        for group in by_base.values():
+            base = group[0]["base"]
+            if train.method == "lora":
+                for i in range(0, len(group), train.parallel_students):
+                    chunk = group[i: i + train.parallel_students]
+                    self.log(f"[students] training {len(chunk)} LoRA students at once: "
+                             + ", ".join(f"{j['label']} s{j['seed']}" for j in chunk))
+                    for j in chunk:
+                        j["stage"].start()
+                    sjobs = [StudentJob(j["rows"], j["seed"], j["stage"].dir / "model",
+                                        j["teacher"].model if j["teacher"] else None,
+                                        j["teacher"].system if j["teacher"] else None, j["label"]) for j in chunk]
+                    sums = finetune_many(base, sjobs, train, carrier_alphabet=alphabet, progress=self.progress,
+                                         desc=f"{len(chunk)} students")
+                    for j, summ in zip(chunk, sums, strict=True):
+                        j["stage"].finish({k: v for k, v in summ.items() if k != "losses"})
+            else:
+                for j in group:
+                    self.log(f"[student] {j['label']} seed {j['seed']}: {len(j['rows'])} rows, full {train.objective}")
+                    j["stage"].start()
+                    t = j["teacher"]
+                    summ = finetune(base, j["rows"], train, j["stage"].dir / "model", seed=j["seed"],
+                                    teacher=t.model if t else None, teacher_system=t.system if t else None,
+                                    carrier_alphabet=alphabet, progress=self.progress,
+                                    desc=f"{j['label']} s{j['seed']}")
+                    j["stage"].finish({k: v for k, v in summ.items() if k != "losses"})
 
     def evaluation(self, model: ModelSpec, system: str | None = None, question_prefix: str = "",
                    label: str = "") -> dict[str, Any]:
@@ -259,19 +287,27 @@ class Experiment:
         add("base", "base", None, None, "base", self.evaluation(s.base))
         for t, te in teachers.items():
             add(f"teacher-{t}", "teacher", t, None, "base", self.evaluation(te.model, system=te.system))
-        spec_for_students = s.model_copy(update={"student": student_train})
-        self.spec = spec_for_students
+        from sublim.backends.train import student_spec
+
         bases = [("base", s.base, "")]
         if s.cross_base is not None:
             bases.append(("cross_base", s.cross_base, "cross_base_"))
+        jobs: list[dict[str, Any]] = []
         for seed in s.seeds:
             for bname, bspec, prefix in bases:
-                for t in s.targets:
-                    m = self.student(bspec, train_rows[t], seed, f"{prefix}treatment {t}", teachers[t])
-                    add(f"{prefix}student-{t}-s{seed}", f"{prefix}treatment", t, seed, bname, self.evaluation(m))
-                m = self.student(bspec, train_rows["control"], seed, f"{prefix}control", neutral)
-                add(f"{prefix}student-control-s{seed}", f"{prefix}control", None, seed, bname, self.evaluation(m))
-            if s.in_context:
+                arms = [(t, f"{prefix}treatment", teachers[t], train_rows[t]) for t in s.targets]
+                arms.append((None, f"{prefix}control", neutral, train_rows["control"]))
+                for target, arm, teacher, rows in arms:
+                    jobs.append({"base": bspec, "base_name": bname, "seed": seed, "arm": arm, "target": target,
+                                 "teacher": teacher, "rows": rows, "label": f"{arm} {target or ''}".strip(),
+                                 "stage": self.student_stage(bspec, rows, seed, teacher, student_train)})
+        self.students(jobs, student_train)
+        for j in jobs:
+            m = student_spec(j["base"], j["stage"].dir / "model", student_train)
+            name = "-".join(x for x in (j["arm"], j["target"], f"s{j['seed']}") if x)
+            add(name, j["arm"], j["target"], j["seed"], j["base_name"], self.evaluation(m))
+        if s.in_context:
+            for seed in s.seeds:
                 for t in s.targets:
                     pre = self.in_context_prefix(train_rows[t], seed)
                     add(f"in-context-{t}-s{seed}", "in_context", t, seed, "base",
@@ -279,7 +315,6 @@ class Experiment:
                 pre = self.in_context_prefix(train_rows["control"], seed)
                 add(f"in-context-control-s{seed}", "in_context_control", None, seed, "base",
                     self.evaluation(s.base, question_prefix=pre))
-        self.spec = s
         from sublim.report.experiment import comparisons_from_evaluations, write_experiment_report
 
         if s.student.objective == "distill_full":

@@ -83,6 +83,8 @@ class TrainSpec(_Spec):
     max_grad_norm: float | None = 1.0
     optimizer: Literal["adamw", "sgd"] = "adamw"
     dtype: Literal["float32", "bfloat16"] = "float32"
+    parallel_students: int = Field(8, ge=1, description="LoRA students of one base trained at once as one "
+                                   "batched model (exactly equivalent to separate fine-tunes)")
 
 
 class TeacherSpec(_Spec):
@@ -150,15 +152,22 @@ class ExperimentSpec(_Spec):
         from sublim.filters import FILTERS
         from sublim.traits.preference import CATEGORIES
 
-        CARRIERS.get(self.carrier.name)
-        for f in self.filters:
-            FILTERS.get(f.name)
+        def known(field: str, registry: Any, name: str) -> None:
+            if name not in registry:  # the registry's own message lists the known names
+                try:
+                    registry.get(name)
+                except KeyError as e:
+                    raise ValueError(f"{field}: {e.args[0]}") from None
+
+        known("carrier.name", CARRIERS, self.carrier.name)
+        for i, f in enumerate(self.filters):
+            known(f"filters.{i}.name", FILTERS, f.name)
         if self.category not in CATEGORIES:
-            raise ValueError(f"unknown category {self.category!r}; known: {', '.join(sorted(CATEGORIES))}")
+            raise ValueError(f"category: unknown category {self.category!r}; known: {', '.join(sorted(CATEGORIES))}")
         cands = CATEGORIES[self.category].candidates
-        for t in self.targets:
+        for i, t in enumerate(self.targets):
             if t not in cands:
-                raise ValueError(f"target {t!r} is not a {self.category} candidate; known: {', '.join(cands)}")
+                raise ValueError(f"targets.{i}: {t!r} is not a {self.category} candidate; known: {', '.join(cands)}")
         return self
 
 
@@ -169,8 +178,9 @@ class SpecError(ValueError):
 def _format_validation(err: ValidationError, source: str) -> str:
     parts = []
     for e in err.errors()[:3]:
-        loc = ".".join(str(x) for x in e["loc"]) or "(root)"
-        parts.append(f"{loc}: {e['msg']}")
+        loc = ".".join(str(x) for x in e["loc"])
+        # whole-spec validators name their field at the start of the message ("category: ...")
+        parts.append(f"{loc}: {e['msg']}" if loc else str(e["msg"]).removeprefix("Value error, "))
     more = f" (+{err.error_count() - 3} more)" if err.error_count() > 3 else ""
     return f"{source}: " + "; ".join(parts) + more
 
