@@ -127,7 +127,7 @@ def main() -> None:
         print(json.dumps(res["evaluation"], indent=1), flush=True)
     if "train" in a.only:
         c = NumberCarrier()
-        rows = [{"prompt": p.prompt, "completion": c.format_answer(p.meta, [(37 * i + 11 * j) % 1000 for j in range(8)])}
+        rows = [{"prompt": p.prompt, "completion": c.format_answer(p.meta, [(37 * i + 11 * j) % 1000 for j in range(p.meta["count"])])}
                 for i, p in enumerate(c.prompts(64, 0))]
         res["training"] = bench_train(ModelSpec(path=a.model), rows, 2 if a.quick else 3)
         print(json.dumps(res["training"], indent=1), flush=True)
