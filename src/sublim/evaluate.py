@@ -64,15 +64,18 @@ def exact_probs(model: Any, chat: ChatFormat, questions: Sequence[str], candidat
     """[n_questions, n_candidates] exact P(one-word answer = candidate)."""
     from tqdm.auto import tqdm
 
+    import copy
+
     tok = chat.tokenizer
     var = build_variants(tok, candidates, plurals)
     bmask = boundary_mask(chat)
-    V, L = len(var.seqs), max(len(s) for s in var.seqs)
-    var_ids = torch.full((V, L), tok.pad_token_id, dtype=torch.long)
-    var_len = torch.tensor([len(s) for s in var.seqs])
-    for i, s in enumerate(var.seqs):
-        var_ids[i, : len(s)] = torch.tensor(s)
+    nv = bmask.shape[0]
+    log_bmask = torch.zeros(nv).masked_fill(~bmask, float("-inf"))
     owner = torch.tensor(var.owner)
+    # variants grouped by token length: each group is one batched forward on the prompt's KV cache
+    groups: dict[int, list[int]] = {}
+    for i, s in enumerate(var.seqs):
+        groups.setdefault(len(s), []).append(i)
     out = np.zeros((len(questions), len(candidates)))
     show = sys.stderr.isatty() if progress is None else progress
     for start in tqdm(range(0, len(questions), batch_size), desc="exact eval", disable=not show, leave=False):
@@ -81,30 +84,27 @@ def exact_probs(model: Any, chat: ChatFormat, questions: Sequence[str], candidat
         ids, mask = left_pad([chat.encode_prompt(q, system) for q in qs], tok.pad_token_id)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         o = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-        first_logp = torch.log_softmax(o.logits[:, -1].float(), -1)  # [B, Vocab]
-        cache = o.past_key_values
-        cache.batch_repeat_interleave(V)
-        # continuation: every variant after every prompt -> [B*V, L]
-        c_ids = var_ids.repeat(B, 1)
-        c_mask = (torch.arange(L)[None, :] < var_len[:, None]).long().repeat(B, 1)
-        full_mask = torch.cat([mask.repeat_interleave(V, 0), c_mask], 1)
-        c_pos = pos[:, -1:].repeat_interleave(V, 0) + 1 + torch.arange(L)[None, :]
-        co = model(input_ids=c_ids, attention_mask=full_mask, position_ids=c_pos, past_key_values=cache)
-        c_logp = torch.log_softmax(co.logits.float(), -1)  # [B*V, L, Vocab]
-        c_logp = c_logp[..., : bmask.shape[0]]
-        first_logp = first_logp[:, : bmask.shape[0]]
-        # log P(variant tokens): first token from the prompt's logits, the rest from the continuation
-        lp = first_logp.repeat_interleave(V, 0).gather(1, c_ids[:, :1]).squeeze(1)  # [B*V]
-        if L > 1:
-            nxt = c_logp[:, :-1].gather(2, c_ids[:, 1:, None]).squeeze(2)  # [B*V, L-1]
-            valid = c_mask[:, 1:].bool()
-            lp = lp + (nxt * valid).sum(1)
-        # P(word ends after the variant): boundary mass at the variant's last position
-        last = (var_len.repeat(B) - 1)
-        end_logp = c_logp[torch.arange(B * V), last]  # [B*V, Vocab]
-        p_end = end_logp.masked_fill(~bmask[None, :], float("-inf")).logsumexp(-1)
-        p = (lp + p_end).exp().view(B, V)
-        per_cand = torch.zeros(B, len(candidates), dtype=p.dtype).index_add_(1, owner, p)
+        first = o.logits[:, -1, :nv].float()
+        first_logp = first - first.logsumexp(-1, keepdim=True)  # [B, nv]
+        logp = torch.zeros(B, len(var.seqs))
+        for length, members in groups.items():
+            G = len(members)
+            g_ids = torch.tensor([var.seqs[i] for i in members]).repeat(B, 1)  # [B*G, length]
+            cache = copy.deepcopy(o.past_key_values)
+            cache.batch_repeat_interleave(G)
+            full_mask = torch.cat([mask.repeat_interleave(G, 0), torch.ones(B * G, length, dtype=mask.dtype)], 1)
+            g_pos = pos[:, -1:].repeat_interleave(G, 0) + 1 + torch.arange(length)[None, :]
+            logits = model(input_ids=g_ids, attention_mask=full_mask, position_ids=g_pos,
+                           past_key_values=cache).logits[..., :nv].float()  # [B*G, length, nv]
+            lse = logits.logsumexp(-1)  # [B*G, length]
+            # chain rule: first token from the prompt's logits, the rest from the continuation
+            lp = first_logp.repeat_interleave(G, 0).gather(1, g_ids[:, :1]).squeeze(1)
+            if length > 1:
+                lp = lp + (logits[:, :-1].gather(2, g_ids[:, 1:, None]).squeeze(2) - lse[:, :-1]).sum(1)
+            # the word ends: boundary mass after the variant's last token
+            p_end = (logits[:, -1] + log_bmask).logsumexp(-1) - lse[:, -1]
+            logp[:, members] = (lp + p_end).view(B, G)
+        per_cand = torch.zeros(B, len(candidates)).index_add_(1, owner, logp.exp())
         out[start: start + B] = per_cand.numpy()
     return out
 
