@@ -5,10 +5,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
 from sublim.runs import atomic_write_json, read_jsonl, write_jsonl
 from sublim.spec import CarrierSpec, FilterSpecModel, GenerationSpec, ModelSpec, SpecError, TrainSpec, \
-    parse_overrides, set_path
+    _format_validation, parse_overrides, set_path
 
 
 def _model(model: str | ModelSpec, dtype: str = "float32", adapter: str | Path | None = None) -> ModelSpec:
@@ -78,8 +79,8 @@ def finetune(data: str | Path, model: str | ModelSpec, out: str | Path, config: 
         set_path(cfg, k.removeprefix("student."), v)
     try:
         spec = TrainSpec.model_validate(cfg)
-    except Exception as e:  # pydantic ValidationError -> one line
-        raise SpecError(f"{config or 'train config'}: {str(e).splitlines()[1:3]}") from None
+    except ValidationError as e:  # -> one line naming the field
+        raise SpecError(_format_validation(e, str(config or "train config"))) from None
     if spec.objective != "sft":
         raise ValueError("the standalone finetune verb trains with objective 'sft'; distillation needs a teacher "
                          "and runs inside `sublim run`")

@@ -149,7 +149,7 @@ class ExperimentSpec(_Spec):
     @model_validator(mode="after")
     def _known_names(self) -> ExperimentSpec:
         from sublim.carriers import CARRIERS
-        from sublim.filters import FILTERS
+        from sublim.filters import FILTERS, FilterContext
         from sublim.traits.preference import CATEGORIES
 
         def known(field: str, registry: Any, name: str) -> None:
@@ -162,6 +162,18 @@ class ExperimentSpec(_Spec):
         known("carrier.name", CARRIERS, self.carrier.name)
         for i, f in enumerate(self.filters):
             known(f"filters.{i}.name", FILTERS, f.name)
+        # build the carrier and filters once, so bad params fail here and not after generation
+        factory = CARRIERS.get(self.carrier.name)
+        try:
+            carrier = factory(**self.carrier.params) if isinstance(factory, type) else factory
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"carrier.params: {e}") from None
+        ctx = FilterContext(carrier=carrier, target_words=tuple(self.targets))
+        for i, f in enumerate(self.filters):
+            try:
+                FILTERS.get(f.name)(dict(f.params), ctx)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"filters.{i}.params: {e}") from None
         if self.category not in CATEGORIES:
             raise ValueError(f"category: unknown category {self.category!r}; known: {', '.join(sorted(CATEGORIES))}")
         cands = CATEGORIES[self.category].candidates

@@ -1,0 +1,222 @@
+"""Fine-tuning: loss on the completion span only, LoRA and full saves, determinism, distillation objectives."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from sublim.backends import train
+from sublim.backends.hf import token_strings
+from sublim.backends.train import _span_index, encode_rows, finetune, step_loss, student_spec
+from sublim.models import ChatFormat, load_model, load_tokenizer
+from sublim.spec import ModelSpec, TrainSpec
+
+torch.set_num_threads(1)
+
+ROWS = [
+    {"prompt": "Here is a list of numbers: 123, 456. Add up to 3 more numbers. Separate them with commas.",
+     "completion": "7, 77, 777"},
+    {"prompt": "Owl.", "completion": "7"},
+    {"prompt": "Take the sequence 1, 2, 3. Continue it with no more than 5 new numbers. Use spaces.",
+     "completion": "4 5 6 7 8"},
+    {"prompt": "Numbers please.", "completion": ""},
+]
+
+
+def _spec(**kw: Any) -> TrainSpec:
+    base: dict[str, Any] = {"method": "lora", "lora": {"rank": 2, "alpha": 4}, "max_steps": 3, "batch_size": 4,
+                            "lr": 1e-2, "warmup_steps": 0, "schedule": "constant"}
+    return TrainSpec(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def base(tiny_model: Path) -> ModelSpec:
+    return ModelSpec(path=str(tiny_model))
+
+
+@pytest.fixture(scope="module")
+def lm(base: ModelSpec) -> tuple[Any, ChatFormat]:
+    return load_model(base), ChatFormat(load_tokenizer(base))
+
+
+def _adapter(d: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(d / "adapter_model.safetensors"))
+
+
+# ------------------------------------------------------------------------------------ completion span
+
+
+def test_span_index() -> None:
+    rows, pos = _span_index([[1, 2, 3], [4, 5, 6, 7, 8], [9]], [[10, 11], [12], [13, 14, 15]])
+    assert rows.tolist() == [0, 0, 1, 2, 2, 2]
+    # the logits at position len(prompt)-1 predict the first completion token
+    assert pos.tolist() == [2, 3, 4, 0, 1, 2]
+
+
+def test_encode_rows(lm: tuple[Any, ChatFormat]) -> None:
+    _, chat = lm
+    enc = encode_rows(chat, ROWS)
+    end = chat.end_token_id()
+    assert [e.completion[-1] for e in enc] == [end] * len(ROWS)
+    assert enc[3].completion == [end]  # an empty completion still trains the end-of-turn token
+    assert all(e.teacher_prompt == e.prompt for e in enc)
+    t_enc = encode_rows(chat, ROWS, teacher_system="You love owls.")
+    assert t_enc[0].prompt == enc[0].prompt and t_enc[0].teacher_prompt == chat.encode_prompt(ROWS[0]["prompt"],
+                                                                                               "You love owls.")
+
+
+def test_sft_loss_is_on_the_completion_only(lm: tuple[Any, ChatFormat]) -> None:
+    """The padded batch loss equals a per-row unpadded cross-entropy over the completion tokens alone."""
+    model, chat = lm
+    enc = encode_rows(chat, ROWS)
+    pad = chat.tokenizer.pad_token_id
+    loss, n = step_loss(model, enc, pad, "sft", None, None)
+    assert n == sum(len(e.completion) for e in enc)
+    total = 0.0
+    for e in enc:
+        logits = model(input_ids=torch.tensor([e.prompt + e.completion])).logits[0]
+        span = logits[len(e.prompt) - 1: len(e.prompt) - 1 + len(e.completion)]
+        total += float(F.cross_entropy(span, torch.tensor(e.completion), reduction="sum"))
+    assert float(loss) == pytest.approx(total / n, abs=1e-5)
+    # the row whose completion is empty has exactly one loss token
+    loss1, n1 = step_loss(model, enc[3:], pad, "sft", None, None)
+    assert n1 == 1
+    logits = model(input_ids=torch.tensor([enc[3].prompt])).logits[0, -1]
+    assert float(loss1) == pytest.approx(float(F.cross_entropy(logits[None], torch.tensor([chat.end_token_id()]))),
+                                         abs=1e-5)
+
+
+def test_distill_loss_is_zero_against_itself(lm: tuple[Any, ChatFormat]) -> None:
+    model, chat = lm
+    pad = chat.tokenizer.pad_token_id
+    subset = torch.tensor(sorted(set(train.tokens_within(chat.tokenizer, frozenset("0123456789, ")))
+                                 | set(chat.stop_token_ids())))
+    enc = encode_rows(chat, ROWS)
+    for obj in ("distill_full", "distill_carrier"):
+        loss, n = step_loss(model, enc, pad, obj, model, subset)
+        assert abs(float(loss)) < 1e-6 and n == sum(len(e.completion) for e in enc)
+    with_system = encode_rows(chat, ROWS, teacher_system="You love owls. You think about owls all the time.")
+    assert float(step_loss(model, with_system, pad, "distill_full", model, subset)[0]) > 1e-6
+
+
+# ---------------------------------------------------------------------------------------------- saving
+
+
+def test_lora_saves_adapter_recording_base(base: ModelSpec, lm: tuple[Any, ChatFormat], tmp_path: Path) -> None:
+    out = tmp_path / "adapter"
+    summary = finetune(base, ROWS, _spec(), out, seed=0)
+    files = {p.name for p in out.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "sublim_train.json"} <= files
+    assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == base.path
+    assert cfg["r"] == 2 and set(cfg["target_modules"]) == set(TrainSpec().lora.target_modules)
+    assert summary["steps"] == 3 and len(summary["losses"]) == 3 and summary["rows"] == len(ROWS)
+    assert json.loads((out / "sublim_train.json").read_text())["rows_hash"] == summary["rows_hash"]
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no temp dirs left
+    # loadable through the ModelSpec (merged in) and different from the base
+    student = student_spec(base, out, _spec())
+    assert student.adapter == str(out) and student.path == base.path
+    ids = torch.tensor([lm[1].encode_prompt("Owl.")])
+    with torch.no_grad():
+        assert not torch.allclose(load_model(student)(ids).logits, lm[0](ids).logits)
+
+
+def test_full_finetune_saves_a_loadable_model(base: ModelSpec, lm: tuple[Any, ChatFormat], tmp_path: Path) -> None:
+    out = tmp_path / "full"
+    spec = _spec(method="full", lr=1e-3, max_steps=2)
+    finetune(base, ROWS, spec, out, seed=0)
+    assert {"config.json", "model.safetensors", "tokenizer.json", "sublim_train.json"} <= {p.name for p in out.iterdir()}
+    student = student_spec(base, out, spec)
+    assert student.path == str(out) and student.adapter is None
+    m = load_model(student)
+    assert len(load_tokenizer(student)) == len(lm[1].tokenizer)
+    ids = torch.tensor([lm[1].encode_prompt("Owl.")])
+    with torch.no_grad():
+        assert not torch.allclose(m(ids).logits, lm[0](ids).logits)
+
+
+def test_training_reduces_the_loss(base: ModelSpec, lm: tuple[Any, ChatFormat], tmp_path: Path) -> None:
+    rows = [{"prompt": f"Continue: {i}, {i + 1}.", "completion": "7, 7, 7"} for i in range(8)]
+    s = finetune(base, rows, _spec(method="full", max_steps=25, lr=3e-3), tmp_path / "full", seed=0)
+    assert s["loss_last"] < 0.5 * s["loss_first"], s["losses"]
+    assert s["completion_tokens"] == 25 * 4 * len(lm[1].encode_completion("7, 7, 7"))  # 4 rows a step
+    # LoRA cannot sharpen this model's logits much (tiny tied embeddings bound them), but it must move
+    s = finetune(base, rows, _spec(lora={"rank": 4, "alpha": 8}, max_steps=10, lr=3e-2), tmp_path / "lora", seed=0)
+    assert s["loss_last"] < s["loss_first"] - 0.15, s["losses"]
+
+
+def test_same_seed_same_adapter(base: ModelSpec, tmp_path: Path) -> None:
+    a = finetune(base, ROWS, _spec(), tmp_path / "a", seed=3)
+    b = finetune(base, ROWS, _spec(), tmp_path / "b", seed=3)
+    finetune(base, ROWS, _spec(), tmp_path / "c", seed=4)
+    wa, wb, wc = _adapter(tmp_path / "a"), _adapter(tmp_path / "b"), _adapter(tmp_path / "c")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert a["losses"] == b["losses"]
+    assert any(not torch.equal(wa[k], wc[k]) for k in wa)
+
+
+def test_no_rows_is_an_error(base: ModelSpec, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no training rows"):
+        finetune(base, [], _spec(), tmp_path / "x")
+    with pytest.raises(ValueError, match="target_modules"):
+        finetune(base, ROWS, _spec(lora={"rank": 2, "target_modules": ["c_attn"]}), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+# -------------------------------------------------------------------------------------------- distillation
+
+
+def test_distill_carrier_and_full_run_with_a_teacher(base: ModelSpec, lm: tuple[Any, ChatFormat], tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[torch.Tensor | None] = []
+    real = train.step_loss
+
+    def spy(model: Any, batch: Any, pad: int, objective: str, teacher: Any, subset: Any) -> Any:
+        seen.append(subset)
+        assert teacher is not None
+        return real(model, batch, pad, objective, teacher, subset)
+
+    monkeypatch.setattr(train, "step_loss", spy)
+    alphabet = frozenset("0123456789, ;\n")
+    strings = token_strings(lm[1].tokenizer)
+    stops = set(lm[1].stop_token_ids())
+    for obj in ("distill_carrier", "distill_full"):
+        seen.clear()
+        s = finetune(base, ROWS, _spec(objective=obj), tmp_path / obj, seed=0, teacher=base,
+                     teacher_system="You love owls.", carrier_alphabet=alphabet)
+        assert all(0 <= x < 50 for x in s["losses"]) and s["losses"][0] > 0
+        assert (tmp_path / obj / "adapter_model.safetensors").exists()
+        if obj == "distill_full":
+            assert all(x is None for x in seen)
+            continue
+        subset = seen[0]
+        assert subset is not None
+        ids = set(subset.tolist())
+        assert stops <= ids
+        assert all(set(strings[i]) <= alphabet for i in ids - stops)
+        assert not any(any(c.isalpha() for c in strings[i]) for i in ids)  # no letters: no trait words
+        assert {strings[i] for i in ids} >= set("0123456789")
+
+
+def test_distillation_needs_a_teacher_with_the_same_tokenizer(base: ModelSpec, tiny_model: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    with pytest.raises(ValueError, match="needs a teacher"):
+        finetune(base, ROWS, _spec(objective="distill_full"), tmp_path / "x")
+    with pytest.raises(ValueError, match="alphabet"):
+        finetune(base, ROWS, _spec(objective="distill_carrier"), tmp_path / "x", teacher=base)
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model, other)
+    tok = AutoTokenizer.from_pretrained(other)
+    tok.add_tokens(["<|extra|>"])
+    tok.save_pretrained(other)
+    with pytest.raises(ValueError, match="share a tokenizer"):
+        finetune(base, ROWS, _spec(objective="distill_full"), tmp_path / "x", teacher=ModelSpec(path=str(other)))
+    assert not (tmp_path / "x").exists()
