@@ -177,6 +177,13 @@ def test_filters_keep_rejects_with_reasons(run: dict[str, Any]) -> None:
                        .split(",") if x) > 899 for r in rejects)
         n_rejects += len(rejects)
     assert n_rejects > 0
+    # every kept dataset carries a provenance manifest that verifies
+    from sublim.audit.provenance import verify
+
+    for fdir in stages.glob("filter-*"):
+        assert (fdir / "kept.jsonl.manifest.json").exists()
+        report = verify(fdir / "kept.jsonl")
+        assert report["ok"], report
     for k, d in data.items():
         assert d["generated"] == N_PROMPTS and d["kept"] + sum(d["reject_counts"].values()) == N_PROMPTS, k
         assert 0 < d["used"] == min(x["kept"] for x in data.values())

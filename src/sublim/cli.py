@@ -83,7 +83,7 @@ def demo(
     out: Annotated[Path, typer.Option(help="Run directory")] = Path("runs/demo"),
     overrides: SetOpt = None,
 ) -> None:
-    """The embedded default experiment, end to end on CPU (see examples/demo.yaml)."""
+    """The embedded default experiment, end to end on CPU (spec: sublim/assets/specs/)."""
     _quiet_transformers()
     from sublim.demo import demo as run_demo
 
@@ -191,6 +191,11 @@ def _mount() -> None:
         app.add_typer(toy_app, name="toy", help="From-scratch toy experiments (MNIST auxiliary logits).")
     except ImportError:
         pass
+    from sublim.audit.cli import app as audit_app
+    from sublim.audit.provenance_cli import app as provenance_app
+
+    app.add_typer(audit_app, name="audit", help="Audits before training: lineage, gradient scan, rows, canary.")
+    app.add_typer(provenance_app, name="provenance", help="Provenance manifests: stamp and verify datasets.")
     try:
         from sublim.organism.cli import app as organism_app
 

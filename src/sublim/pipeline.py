@@ -169,6 +169,7 @@ class Experiment:
             res = filter_rows(read_jsonl(g.dir / "rows.jsonl"), s.filters, s.carrier, s.targets)
             write_jsonl(f.dir / "kept.jsonl", res.kept)
             write_jsonl(f.dir / "rejects.jsonl", res.rejects)
+            self._manifest(f.dir / "kept.jsonl", res.kept, teacher, f_cfg, res.counts)
             f.finish({"counts": res.counts, "kept_hash": hash_obj([r["content_hash"] for r in res.kept])})
             self.log(f"[filter] {label}: kept {res.counts.get('kept')} of {res.counts.get('total')}")
         summ = f.summary()
@@ -180,6 +181,16 @@ class Experiment:
             return None
         carrier = make_carrier(self.spec.carrier)
         return frozenset(set().union(*(carrier.grammar(p.meta).alphabet for p in carrier.prompts(50, 0))))
+
+    def _manifest(self, path: Path, rows: list[dict], teacher: Teacher, filters: dict, counts: dict) -> None:
+        """The provenance sidecar (teacher/base identities, settings, per-row hashes, Merkle root)."""
+        from sublim.audit.provenance import manifest_for_generated, write_manifest
+
+        s = self.spec
+        m = manifest_for_generated(rows, teacher.describe(), s.base.model_dump(),
+                                   {"category": s.category, "target": teacher.trait, "kind": teacher.kind},
+                                   s.generation.model_dump(), {**filters, "counts": counts}, data_file=path)
+        write_manifest(path, m)
 
     def student_stage(self, base: ModelSpec, rows: list[dict], seed: int, teacher: Teacher | None,
                       train: TrainSpec) -> Stage:
