@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from sublim.backends import train
 from sublim.backends.hf import token_strings
-from sublim.backends.train import _span_index, encode_rows, finetune, step_loss, student_spec
+from sublim.backends.train import completion_logits, encode_rows, finetune, step_loss, student_spec
 from sublim.models import ChatFormat, load_model, load_tokenizer
 from sublim.spec import ModelSpec, TrainSpec
 
@@ -52,11 +52,18 @@ def _adapter(d: Path) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------------------------ completion span
 
 
-def test_span_index() -> None:
-    rows, pos = _span_index([[1, 2, 3], [4, 5, 6, 7, 8], [9]], [[10, 11], [12], [13, 14, 15]])
-    assert rows.tolist() == [0, 0, 1, 2, 2, 2]
-    # the logits at position len(prompt)-1 predict the first completion token
-    assert pos.tolist() == [2, 3, 4, 0, 1, 2]
+def test_completion_logits_match_unpadded_forwards(lm: tuple[Any, ChatFormat]) -> None:
+    """Left-padded prompts + right-padded completions give, row by row, the logits of a plain forward."""
+    model, _ = lm
+    prompts, comps = [[1, 2, 3], [4, 5, 6, 7, 8], [9]], [[10, 11], [12], [13, 14, 15]]
+    got = completion_logits(model, prompts, comps, pad=0)
+    assert got.shape[0] == 6
+    k = 0
+    for p, c in zip(prompts, comps):
+        full = model(input_ids=torch.tensor([p + c])).logits[0]
+        for j in range(len(c)):
+            torch.testing.assert_close(got[k], full[len(p) - 1 + j], atol=1e-4, rtol=1e-4)
+            k += 1
 
 
 def test_encode_rows(lm: tuple[Any, ChatFormat]) -> None:

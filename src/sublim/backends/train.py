@@ -43,31 +43,24 @@ def encode_rows(chat: ChatFormat, rows: Sequence[dict[str, Any]], teacher_chat: 
     return out
 
 
-def _right_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids, mask
-
-
-def _span_index(prompts: list[list[int]], comps: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row, position) of the logits that predict each completion token, concatenated over rows."""
-    rows, pos = [], []
-    for i, (p, c) in enumerate(zip(prompts, comps, strict=True)):
-        rows += [i] * len(c)
-        pos += list(range(len(p) - 1, len(p) - 1 + len(c)))
-    return torch.tensor(rows), torch.tensor(pos)
-
-
 def completion_logits(model: Any, prompts: list[list[int]], comps: list[list[int]], pad: int) -> torch.Tensor:
-    """Logits at the positions that predict the completion tokens: [sum(len(c)), V]."""
-    ids, mask = _right_pad([p + c for p, c in zip(prompts, comps, strict=True)], pad)
-    logits = model(input_ids=ids, attention_mask=mask).logits  # [B, T, V]
-    r, q = _span_index(prompts, comps)
-    return logits[r, q]
+    """Logits at the positions that predict the completion tokens: [sum(len(c)), V].
+
+    Prompts are left-padded and completions right-padded so every completion starts in the same column;
+    the LM head then runs only on the completion columns (``logits_to_keep``), not on the prompts."""
+    P = max(len(p) for p in prompts)
+    C = max(len(c) for c in comps)
+    ids = torch.full((len(prompts), P + C), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, (p, c) in enumerate(zip(prompts, comps, strict=True)):
+        ids[i, P - len(p): P + len(c)] = torch.tensor(p + c, dtype=torch.long)
+        mask[i, P - len(p): P + len(c)] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=C + 1).logits[:, :-1]
+    # logits[:, j] (column P-1+j) predicts completion token j
+    r = torch.tensor([i for i, c in enumerate(comps) for _ in c])
+    j = torch.tensor([k for c in comps for k in range(len(c))])
+    return logits[r, j]
 
 
 def step_loss(model: Any, batch: list[Encoded], pad: int, objective: str, teacher: Any | None,
