@@ -1,7 +1,6 @@
 """The ``sublim`` command line: thin wrappers over the library verbs (no logic beyond parsing/printing)."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -13,36 +12,9 @@ app = typer.Typer(
 )
 
 
-def _fail(msg: str, code: int = 2) -> None:
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(code)
-
-
-def _quiet_transformers() -> None:
-    import os
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        if not sys.stderr.isatty():
-            hf_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass
-
-
-def _guard(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """Run a library verb; known user errors become one line on stderr and exit code 2."""
-    from sublim.models import ModelLoadError
-    from sublim.spec import SpecError
-
-    try:
-        return fn(*args, **kwargs)
-    except (SpecError, ModelLoadError, FileNotFoundError, KeyError, ValueError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        _fail(str(msg).splitlines()[0] if str(msg) else type(e).__name__)
-
+from sublim.cliutil import fail as _fail  # noqa: E402,F401
+from sublim.cliutil import guard as _guard  # noqa: E402
+from sublim.cliutil import quiet as _quiet_transformers  # noqa: E402
 
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a spec field: KEY=VALUE "
                                                      "(dotted, YAML value), e.g. --set student.lr=1e-4")]

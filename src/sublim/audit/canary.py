@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sublim.audit.common import AuditInputError, AuditResult, load_rows, model_spec
+from sublim.audit.common import AuditInputError, AuditResult, as_rows, fmt3, model_spec
 from sublim.report.html import Section
 
 
@@ -72,8 +72,8 @@ def canary(data: str | Path | Sequence[dict[str, Any]], student: Any, reference:
     from sublim.stats import compare
 
     t0 = time.perf_counter()
-    rows = _rows(data, "dataset")
-    ref_rows = _rows(reference, "reference")
+    rows = as_rows(data, "dataset")
+    ref_rows = as_rows(reference, "reference")
     if len(seeds) < 2:
         raise AuditInputError("--seeds: need at least 2 seeds for a seed-level interval")
     spec = model_spec(student, what="student")
@@ -129,22 +129,9 @@ def canary(data: str | Path | Sequence[dict[str, Any]], student: Any, reference:
                "traits": table, "order": [table[k]["target"] for k in order],
                "cost": {"seconds": seconds, "train_seconds": train_seconds, "steps": steps}}
     lo = top["diff_ci"][0]
-    summary = [(f"canary: largest shift {top['trait']} {top['diff']:+.4f} (95% CI {_f(lo)} .. "
-                f"{_f(top['diff_ci'][1])}, p {_f(top['p'])}, {len(seeds)} seeds per arm) vs reference")]
+    summary = [(f"canary: largest shift {top['trait']} {top['diff']:+.4f} (95% CI {fmt3(lo)} .. "
+                f"{fmt3(top['diff_ci'][1])}, p {fmt3(top['p'])}, {len(seeds)} seeds per arm) vs reference")]
     return AuditResult("canary", metrics, payload, [_html(payload)], title="sublim audit canary", summary=summary)
-
-
-def _rows(data: Any, what: str) -> list[dict[str, Any]]:
-    if isinstance(data, (str, Path)):
-        return load_rows(data, what=what)
-    rows = list(data)
-    if not rows:
-        raise AuditInputError(f"{what}: no rows")
-    return rows
-
-
-def _f(v: Any) -> str:
-    return "n/a" if v is None else f"{v:.3g}"
 
 
 def _html(p: dict[str, Any]) -> Section:

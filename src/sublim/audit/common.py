@@ -45,6 +45,21 @@ def load_rows(path: str | Path, need: tuple[str, ...] = ("prompt", "completion")
     return rows
 
 
+def as_rows(data: Any, what: str) -> list[dict[str, Any]]:
+    """Rows from a JSONL path (validated) or an in-memory sequence (must be non-empty)."""
+    if isinstance(data, (str, Path)):
+        return load_rows(data, what=what)
+    rows = list(data)
+    if not rows:
+        raise AuditInputError(f"{what}: no rows")
+    return rows
+
+
+def fmt3(v: Any) -> str:
+    """A number to 3 significant digits, "n/a" for None."""
+    return "n/a" if v is None else f"{v:.3g}"
+
+
 def model_spec(model: Any, adapter: str | Path | None = None, what: str = "model") -> Any:
     """A ModelSpec from a path / alias / spec, checking early that a local path is a model directory."""
     from sublim.spec import ModelSpec

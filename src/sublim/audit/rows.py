@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sublim.audit.common import AuditInputError, AuditResult, load_rows, model_spec
+from sublim.audit.common import AuditInputError, AuditResult, as_rows, model_spec
 from sublim.report.html import Section
 
 
@@ -86,8 +86,8 @@ def score_rows(data: str | Path | Sequence[dict[str, Any]], student: Any, *, tea
                batch_size: int = 16, top_tokens: int = 3) -> AuditResult:
     """Score every row; flag the top ``top`` fraction (or rows with z >= ``z_threshold`` when a reference is
     given). Returns an AuditResult whose payload has ``rows`` (all scores, in data order)."""
-    rows = _rows(data, "dataset")[:max_rows]
-    ref_rows = _rows(reference, "reference")[:max_rows] if reference is not None else None
+    rows = as_rows(data, "dataset")[:max_rows]
+    ref_rows = as_rows(reference, "reference")[:max_rows] if reference is not None else None
     if not 0 < top <= 1:
         raise AuditInputError(f"--top must be in (0, 1], got {top}")
     s_spec = model_spec(student, what="student")
@@ -176,15 +176,6 @@ def score_rows(data: str | Path | Sequence[dict[str, Any]], student: Any, *, tea
                + f"; {div_share:.1%} of tokens diverge from the base's greedy choice"]
     return AuditResult("rows", metrics, payload, [_html(payload, rows, rank[:50])], title="sublim audit rows",
                        summary=summary)
-
-
-def _rows(data: Any, what: str) -> list[dict[str, Any]]:
-    if isinstance(data, (str, Path)):
-        return load_rows(data, what=what)
-    rows = list(data)
-    if not rows:
-        raise AuditInputError(f"{what}: no rows")
-    return rows
 
 
 def _html(p: dict[str, Any], rows: list[dict[str, Any]], top: np.ndarray) -> Section:

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sublim.audit.common import AuditInputError, AuditResult, load_rows, model_spec
+from sublim.audit.common import AuditInputError, AuditResult, as_rows, fmt3, load_rows, model_spec
 from sublim.report.html import Section
 from sublim.runs import atomic_write_json, hash_obj
 
@@ -333,8 +333,8 @@ def scan(data: str | Path | Sequence[dict[str, Any]], student: Any, *, reference
     from sublim.stats import mean_ci, welch
 
     t0 = time.perf_counter()
-    rows = _rows(data, "dataset")[:max_rows]
-    ref_rows = _rows(reference, "reference")[:max_rows] if reference is not None else None
+    rows = as_rows(data, "dataset")[:max_rows]
+    ref_rows = as_rows(reference, "reference")[:max_rows] if reference is not None else None
     probes = trait_probes(traits, n_questions)
     sc = scanner or GradientScanner(student, probes, params=params, batch_size=batch_size)
     if scanner is not None and [p.name for p in scanner.probes] != [p.name for p in probes]:
@@ -413,25 +413,12 @@ def scan(data: str | Path | Sequence[dict[str, Any]], student: Any, *, reference
                  "reference_seconds": ref["seconds"] if ref else None, "cached": bool(res.get("cached"))},
     }
     summary = [f"scan: top trait {top['trait']} ({rank_by} {top[rank_by]:.3g}"
-               + (f", diff vs reference {top['diff']:.3g} [{_f(top['diff_ci'][0])}, {_f(top['diff_ci'][1])}]"
+               + (f", diff vs reference {top['diff']:.3g} [{fmt3(top['diff_ci'][0])}, {fmt3(top['diff_ci'][1])}]"
                   if top.get("diff") is not None else "") + ")"
                + ("" if calibrated else "; UNCALIBRATED (no panel)"),
                f"panel: {pan.name} ({len(pan.members)} datasets)" if pan else "panel: none"]
     return AuditResult("scan", metrics, payload, [_html(payload, rank_by)], title="sublim audit scan",
                        summary=summary)
-
-
-def _rows(data: Any, what: str) -> list[dict[str, Any]]:
-    if isinstance(data, (str, Path)):
-        return load_rows(data, what=what)
-    rows = list(data)
-    if not rows:
-        raise AuditInputError(f"{what}: no rows")
-    return rows
-
-
-def _f(v: Any) -> str:
-    return "n/a" if v is None else f"{v:.3g}"
 
 
 def _html(p: dict[str, Any], rank_by: str) -> Section:

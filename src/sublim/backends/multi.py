@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from sublim.backends.hf import tokens_within
-from sublim.backends.train import Encoded, encode_rows, step_loss, total_steps
+from sublim.backends.train import Encoded, encode_rows, total_steps
 from sublim.models import ChatFormat, load_model, load_tokenizer
 from sublim.runs import atomic_dir, atomic_write_json, hash_obj
 from sublim.spec import ModelSpec, TrainSpec
@@ -173,7 +173,7 @@ def _per_student_loss(model: Any, batch: list[Encoded], S: int, spec: TrainSpec,
                       teachers: dict[str, Any], jobs: Sequence[StudentJob],
                       subset: torch.Tensor | None) -> list[tuple[torch.Tensor, int]]:
     """One forward for all students (rows grouped by student, equal counts), then each student's loss."""
-    from sublim.backends.train import completion_logits
+    from sublim.backends.train import completion_logits, objective_loss
 
     b = len(batch) // S
     logits = completion_logits(model, [e.prompt for e in batch], [e.completion for e in batch], pad).float()
@@ -184,21 +184,16 @@ def _per_student_loss(model: Any, batch: list[Encoded], S: int, spec: TrainSpec,
         n = sum(len(e.completion) for e in rows)
         sl = logits[start:start + n]
         start += n
-        if spec.objective == "sft":
-            target = torch.tensor([t for e in rows for t in e.completion])
-            out.append((nn.functional.cross_entropy(sl, target), n))
-            continue
-        job = jobs[s]
-        assert job.teacher is not None
-        teacher = teachers[job.teacher.model_dump_json()]
-        with torch.no_grad():
-            tl = completion_logits(teacher, [e.teacher_prompt for e in rows], [e.completion for e in rows], pad).float()
-        v = min(sl.shape[1], tl.shape[1])
-        ss, tt = sl[:, :v], tl[:, :v]
-        if subset is not None:
-            ss, tt = ss[:, subset], tt[:, subset]
-        tlp, slp = torch.log_softmax(tt, -1), torch.log_softmax(ss, -1)
-        out.append(((tlp.exp() * (tlp - slp)).sum(-1).mean(), n))
+        target = torch.tensor([t for e in rows for t in e.completion])
+        tl = None
+        if spec.objective != "sft":
+            job = jobs[s]
+            assert job.teacher is not None
+            teacher = teachers[job.teacher.model_dump_json()]
+            with torch.no_grad():
+                tl = completion_logits(teacher, [e.teacher_prompt for e in rows], [e.completion for e in rows],
+                                       pad).float()
+        out.append((objective_loss(sl, target, tl, spec.objective, subset), n))
     return out
 
 

@@ -63,18 +63,12 @@ def completion_logits(model: Any, prompts: list[list[int]], comps: list[list[int
     return logits[r, j]
 
 
-def step_loss(model: Any, batch: list[Encoded], pad: int, objective: str, teacher: Any | None,
-              subset: torch.Tensor | None) -> tuple[torch.Tensor, int]:
-    prompts = [e.prompt for e in batch]
-    comps = [e.completion for e in batch]
-    s_logits = completion_logits(model, prompts, comps, pad).float()  # [N, V]
-    n = s_logits.shape[0]
+def objective_loss(s_logits: torch.Tensor, targets: torch.Tensor, t_logits: torch.Tensor | None, objective: str,
+                   subset: torch.Tensor | None) -> torch.Tensor:
+    """The student's loss on completion positions: [N, V] logits, [N] target tokens, teacher [N, V'] logits."""
     if objective == "sft":
-        target = torch.tensor([t for c in comps for t in c])
-        return F.cross_entropy(s_logits, target), n
-    assert teacher is not None, "distillation needs a teacher"
-    with torch.no_grad():
-        t_logits = completion_logits(teacher, [e.teacher_prompt for e in batch], comps, pad).float()
+        return F.cross_entropy(s_logits, targets)
+    assert t_logits is not None, "distillation needs the teacher's logits"
     v = min(s_logits.shape[1], t_logits.shape[1])
     s_logits, t_logits = s_logits[:, :v], t_logits[:, :v]
     if objective == "distill_carrier":
@@ -82,8 +76,20 @@ def step_loss(model: Any, batch: list[Encoded], pad: int, objective: str, teache
         s_logits, t_logits = s_logits[:, subset], t_logits[:, subset]
     t_logp = F.log_softmax(t_logits, -1)
     s_logp = F.log_softmax(s_logits, -1)
-    kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)  # per token KL(teacher || student)
-    return kl.mean(), n
+    return (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()  # mean per-token KL(teacher || student)
+
+
+def step_loss(model: Any, batch: list[Encoded], pad: int, objective: str, teacher: Any | None,
+              subset: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    comps = [e.completion for e in batch]
+    s_logits = completion_logits(model, [e.prompt for e in batch], comps, pad).float()  # [N, V]
+    t_logits = None
+    if objective != "sft":
+        assert teacher is not None, "distillation needs a teacher"
+        with torch.no_grad():
+            t_logits = completion_logits(teacher, [e.teacher_prompt for e in batch], comps, pad).float()
+    target = torch.tensor([t for c in comps for t in c])
+    return objective_loss(s_logits, target, t_logits, objective, subset), s_logits.shape[0]
 
 
 def _lora(model: Any, spec: TrainSpec) -> Any:

@@ -1,0 +1,42 @@
+"""CLI plumbing shared by every ``sublim`` command: one-line errors with exit code 2, quiet libraries."""
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import typer
+
+EXIT_INPUT = 2
+
+
+def fail(msg: str, code: int = EXIT_INPUT) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(code)
+
+
+def quiet() -> None:
+    """Silence transformers' logging, and its progress bars when stderr is not a terminal."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        if not sys.stderr.isatty():
+            hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def guard(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run a library call; user errors (bad spec, model, file, row, value) become one line on stderr and
+    exit code 2."""
+    from sublim.models import ModelLoadError
+    from sublim.spec import SpecError
+
+    try:
+        return fn(*args, **kwargs)
+    except (SpecError, ModelLoadError, FileNotFoundError, KeyError, ValueError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        fail(str(msg).splitlines()[0] if str(msg) else type(e).__name__)
