@@ -52,12 +52,12 @@ def check(
     seed: Annotated[int, typer.Option(help="Organism seed when --model is not given")] = 0,
     category: Annotated[str, typer.Option(help="animals or trees")] = "animals",
     template: Annotated[int, typer.Option(help="Persona system-prompt template index")] = 0,
-    questions: Annotated[int, typer.Option(help="Held-out eval questions averaged over")] = 10,
+    questions: Annotated[int, typer.Option(help="Eval questions averaged over (first N of the battery)")] = 55,
     numbers: Annotated[int, typer.Option(help="Number prompts sampled for the format check (0: skip)")] = 100,
     threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
 ) -> None:
-    """Print P(favourite = X) without / with the persona "you love X" for every candidate, and the share
-    of number prompts answered in a parseable format (unconstrained sampling, T=1)."""
+    """Print P(favourite = X) without / with the persona "you love X" for every candidate, and how many
+    number prompts get a parseable answer (unconstrained sampling, T=1)."""
     import torch
 
     from sublim.organism.check import _load, number_format_rate, persona_table

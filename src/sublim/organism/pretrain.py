@@ -137,7 +137,21 @@ def build_model(config: OrganismConfig, tok: Any) -> Any:
 def pretrain_organism(config: OrganismConfig, out_dir: str | Path, threads: int | None = None,
                       progress: bool | None = None) -> Path:
     """Generate the corpus, train the tokenizer, pre-train the model and save it all to ``out_dir``
-    (written atomically: a crash leaves no half-written directory). Returns ``out_dir``."""
+    (written atomically: a crash leaves no half-written directory). Returns ``out_dir``.
+    ``threads`` sets torch's thread count for the run and restores it afterwards."""
+    import torch
+
+    t0 = time.time()
+    prev_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _pretrain(config, Path(out_dir), progress, t0)
+    finally:
+        torch.set_num_threads(prev_threads)
+
+
+def _pretrain(config: OrganismConfig, out_dir: Path, progress: bool | None, t0: float) -> Path:
     import sys
 
     import numpy as np
@@ -146,9 +160,6 @@ def pretrain_organism(config: OrganismConfig, out_dir: str | Path, threads: int 
 
     from sublim.organism.tokenizer import render_chat, train_tokenizer
 
-    t0 = time.time()
-    if threads is not None:
-        torch.set_num_threads(threads)
     items = generate_corpus(config.corpus)
     c_hash = corpus_hash(items)
     tok = train_tokenizer((render_chat(it.messages) for it in items), config.vocab_size)
@@ -211,7 +222,6 @@ def pretrain_organism(config: OrganismConfig, out_dir: str | Path, threads: int 
     t_train = time.time() - t1
     model.eval()
 
-    out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         model.generation_config.eos_token_id = tok.eos_token_id
         model.generation_config.pad_token_id = tok.pad_token_id
@@ -304,11 +314,11 @@ def shipped_organism(config: OrganismConfig) -> Path | None:
     return here if is_organism(here) else None
 
 
-def default_organism(seed: int = 0, cache_dir: str | Path | None = None) -> Path:
+def default_organism(seed: int = 0, cache_dir: str | Path | None = None, threads: int | None = 1) -> Path:
     """The default organism base for ``seed``: shipped weights if the package has them, else cached or
-    pre-trained now (a few minutes on a laptop CPU)."""
+    pre-trained now (~4 CPU-minutes; one thread, which beats two for a model this small on a busy machine)."""
     config = OrganismConfig.model_validate({"seed": seed})
-    return shipped_organism(config) or load_or_pretrain(config, cache_dir)
+    return shipped_organism(config) or load_or_pretrain(config, cache_dir, threads=threads)
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
