@@ -32,7 +32,7 @@ def pretrain(
     hidden: Annotated[int | None, typer.Option(help="Hidden width")] = None,
     corpus_size: Annotated[int | None, typer.Option(help="Conversations in the corpus")] = None,
     out: Annotated[Path | None, typer.Option(help="Write here instead of the cache")] = None,
-    threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's choice)")] = None,
+    threads: Annotated[int, typer.Option(help="torch threads (1 is fastest at this size on a busy machine)")] = 1,
 ) -> None:
     """Pre-train an organism base (cached: a second call with the same config returns at once)."""
     from sublim.organism.pretrain import load_or_pretrain, pretrain_organism, read_meta
@@ -54,7 +54,7 @@ def check(
     template: Annotated[int, typer.Option(help="Persona system-prompt template index")] = 0,
     questions: Annotated[int, typer.Option(help="Eval questions averaged over (first N of the battery)")] = 55,
     numbers: Annotated[int, typer.Option(help="Number prompts sampled for the format check (0: skip)")] = 100,
-    threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
+    threads: Annotated[int, typer.Option(help="torch threads (1 is fastest at this size on a busy machine)")] = 1,
 ) -> None:
     """Print P(favourite = X) without / with the persona "you love X" for every candidate, and how many
     number prompts get a parseable answer (unconstrained sampling, T=1)."""
