@@ -125,7 +125,7 @@ def run_einsum(cfg: M.MnistConfig, digits: Any) -> float:
         order = torch.stack([torch.randperm(n_tr, generator=g) for g in gens])
         for xb, yb in loader(order, cfg.batch_size):
             logits = fwd(teacher, xb)[..., : M.N_CLASSES]
-            loss = sum(F.cross_entropy(logits[m], yb[m]) for m in range(n))
+            loss = torch.stack([F.cross_entropy(logits[m], yb[m]) for m in range(n)]).sum()
             opt.zero_grad()
             loss.backward()
             opt.step()

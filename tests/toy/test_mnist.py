@@ -116,7 +116,8 @@ def test_embedded_and_sklearn_digits() -> None:
 
 
 @pytest.mark.parametrize(
-    "case", ["magic", "truncated", "gzip", "missing", "npz_keys", "npz_labels", "nofile", "labels"]
+    "case",
+    ["magic", "truncated", "gzip", "missing", "npz_keys", "npz_labels", "npz_garbage", "nofile", "labels"],
 )
 def test_bad_files_give_one_line_error_naming_the_file(tmp_path: Path, case: str) -> None:
     folder = tmp_path / "d"
@@ -145,6 +146,9 @@ def test_bad_files_give_one_line_error_naming_the_file(tmp_path: Path, case: str
     elif case == "npz_labels":
         named = target = tmp_path / "bad2.npz"
         np.savez(target, x=np.zeros((12, 28, 28), dtype=np.uint8), y=np.full(12, 11))
+    elif case == "npz_garbage":
+        named = target = tmp_path / "garbage.npz"
+        target.write_bytes(b"this is not a zip archive")
     elif case == "nofile":
         named = target = tmp_path / "nothing.npz"
     with pytest.raises(DataError) as e:

@@ -235,6 +235,13 @@ def load_npz(path: str | Path) -> Digits:
     """``x_train, y_train, x_test, y_test`` (keras mnist.npz) or ``x, y`` / ``images, labels`` (split)."""
     path = Path(path)
     try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    if magic[:2] != b"PK":
+        raise DataError(f"{path}: not an .npz file (expected a zip archive written by numpy.savez)")
+    try:
         with np.load(path, allow_pickle=False) as z:
             keys = set(z.files)
             arrays = {k: z[k] for k in keys}
