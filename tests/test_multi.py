@@ -76,14 +76,57 @@ def test_peft_forward_matches_stacked_forward(tiny_model: Path, tmp_path: Path) 
     torch.testing.assert_close(m1(torch.tensor([[5, 6, 7, 8, 9]])).logits, captured["logits"], atol=1e-4, rtol=1e-4)
 
 
-def test_unequal_steps_and_full_method_are_refused(tiny_model: Path, tmp_path: Path) -> None:
+def test_unequal_steps_are_refused(tiny_model: Path, tmp_path: Path) -> None:
     base = ModelSpec(path=str(tiny_model))
     spec = TrainSpec(lora={"rank": 2, "alpha": 2}, epochs=1, batch_size=4)
     with pytest.raises(ValueError, match="same number of steps"):
         finetune_many(base, [StudentJob(_rows(0, 8), 0, tmp_path / "a"), StudentJob(_rows(1, 24), 1, tmp_path / "b")],
                       spec, progress=False)
-    with pytest.raises(ValueError, match="LoRA"):
-        finetune_many(base, [StudentJob(_rows(0), 0, tmp_path / "c")], spec.model_copy(update={"method": "full"}))
+
+
+@pytest.mark.parametrize("objective", ["sft", "distill_carrier", "distill_full"])
+def test_batched_full_equals_separate_finetunes(tiny_model: Path, tiny_model_b: Path, tmp_path: Path,
+                                                objective: str) -> None:
+    """Full students stacked in one model give the weights and losses of one-at-a-time fine-tunes (the
+    teacher's targets cached once per row change nothing); tied embeddings stay tied when saved."""
+    from safetensors.torch import load_file
+
+    from sublim.backends.train import finetune
+
+    base = ModelSpec(path=str(tiny_model))
+    teacher = ModelSpec(path=str(tiny_model_b)) if objective != "sft" else None
+    spec = TrainSpec(method="full", objective=objective, max_steps=4, batch_size=4, lr=3e-3, warmup_steps=0,
+                     max_grad_norm=0.5)
+    alphabet = frozenset("0123456789, ;\n")
+    jobs = [StudentJob(_rows(0), 0, tmp_path / "a", teacher, "You love owls." if teacher else None),
+            StudentJob(_rows(1), 1, tmp_path / "b", teacher, None)]
+    both = finetune_many(base, jobs, spec, carrier_alphabet=alphabet, progress=False)
+    for k, job in enumerate(jobs):
+        alone = finetune(base, job.rows, spec, tmp_path / f"alone{k}", seed=job.seed, teacher=teacher,
+                         teacher_system=job.teacher_system, carrier_alphabet=alphabet, progress=False)
+        assert both[k]["losses"] == pytest.approx(alone["losses"], rel=1e-4, abs=1e-6)
+        x = load_file(job.out_dir / "model.safetensors")
+        y = load_file(tmp_path / f"alone{k}" / "model.safetensors")
+        assert x.keys() == y.keys()
+        for name in x:
+            torch.testing.assert_close(x[name], y[name], atol=2e-5, rtol=1e-4)
+    a = load_file(tmp_path / "a" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "model.safetensors")
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # own data, own order
+    m = load_model(ModelSpec(path=str(tmp_path / "a")))
+    assert m.config.tie_word_embeddings == load_model(base).config.tie_word_embeddings
+
+
+def test_full_batching_refuses_unknown_modules() -> None:
+    from sublim.backends.multi import stack_full
+
+    class Odd(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(3))
+
+    with pytest.raises(ValueError, match="cannot batch module ''"):
+        stack_full(Odd(), 2)
 
 
 def test_distill_carrier_batched(tiny_model: Path, tiny_model_b: Path, tmp_path: Path) -> None:
@@ -94,3 +137,43 @@ def test_distill_carrier_batched(tiny_model: Path, tiny_model_b: Path, tmp_path:
     out = finetune_many(base, [StudentJob(_rows(0), 0, tmp_path / "d", teacher, "You love owls.")], spec,
                         carrier_alphabet=alphabet, progress=False)
     assert out[0]["loss_first"] >= 0 and out[0]["steps"] == 5
+
+
+def test_position_logits_match_completion_logits_and_align_with_a_system_prompt(tiny_model: Path) -> None:
+    """The logits at a row's completion positions are the same whichever way the row is laid out, and a
+    teacher with a system prompt is read at the same tokens as the student (aligned from the prompt's end)."""
+    from sublim.backends.multi import carrier_positions, position_logits
+    from sublim.backends.train import completion_logits, encode_rows
+    from sublim.models import ChatFormat, load_tokenizer
+
+    spec = ModelSpec(path=str(tiny_model))
+    model = load_model(spec)
+    chat = ChatFormat(load_tokenizer(spec))
+    enc = encode_rows(chat, _rows(0, 6), None, "You love owls.")
+    allowed = set(range(model.config.vocab_size))
+    with torch.no_grad():
+        a = completion_logits(model, [e.prompt for e in enc], [e.completion for e in enc], 0)
+        pos = [carrier_positions(e, allowed) for e in enc]
+        b = position_logits(model, [e.prompt + e.completion for e in enc], pos, 0)
+        comp_rows = torch.cat([torch.arange(len(p) - len(e.completion), len(p)) + sum(map(len, pos[:i]))
+                               for i, (p, e) in enumerate(zip(pos, enc, strict=True))])
+        torch.testing.assert_close(b[comp_rows], a, atol=1e-4, rtol=1e-4)
+    for e, p in zip(enc, pos, strict=True):
+        assert len(e.teacher_prompt) > len(e.prompt)  # the system prompt
+        shift = len(e.teacher_prompt) - len(e.prompt)
+        seq, tseq = e.prompt + e.completion, e.teacher_prompt + e.completion
+        prompt_pos = p[: len(p) - len(e.completion)]
+        assert prompt_pos, "the user turn's tokens are distilled too"
+        assert all(seq[t] == tseq[t + shift] and seq[t - 1] == tseq[t - 1 + shift] for t in prompt_pos)
+
+
+def test_carrier_positions_students_train(tiny_model: Path, tiny_model_b: Path, tmp_path: Path) -> None:
+    base = ModelSpec(path=str(tiny_model))
+    spec = TrainSpec(method="full", objective="distill_carrier", distill_positions="carrier", max_steps=3,
+                     batch_size=4, lr=1e-3, warmup_steps=0)
+    out = finetune_many(base, [StudentJob(_rows(0), 0, tmp_path / "p", ModelSpec(path=str(tiny_model_b)),
+                                          "You love owls.")], spec,
+                        carrier_alphabet=frozenset("0123456789, ;\n"), progress=False)
+    assert out[0]["loss_first"] > 0 and out[0]["completion_tokens"] > 0
+    with pytest.raises(ValueError, match="distill_carrier"):
+        TrainSpec(objective="sft", distill_positions="carrier")

@@ -7,6 +7,7 @@ duplicating a row; finished stages are never redone.
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 import time
@@ -199,10 +200,10 @@ class Experiment:
         return self.stage("student", cfg, {"base": self._fp(base), "rows": hash_obj([r["content_hash"] for r in rows])})
 
     def students(self, jobs: list[dict[str, Any]], train: TrainSpec) -> None:
-        """Train every student not already finished. LoRA students of one base are trained together as
-        one batched model (``parallel_students`` at a time); full fine-tunes one by one."""
+        """Train every student not already finished. Students of one base are trained together as one
+        batched model, ``parallel_students`` at a time (fewer for full fine-tunes if their weights and
+        optimiser state would not fit in half the machine's memory); each is exactly a separate fine-tune."""
         from sublim.backends.multi import StudentJob, finetune_many
-        from sublim.backends.train import finetune
 
         todo = [j for j in jobs if not j["stage"].done]
         if not todo:
@@ -213,29 +214,21 @@ class Experiment:
             by_base.setdefault(j["base"].model_dump_json(), []).append(j)
         for group in by_base.values():
             base = group[0]["base"]
-            if train.method == "lora":
-                for i in range(0, len(group), train.parallel_students):
-                    chunk = group[i: i + train.parallel_students]
-                    self.log(f"[students] training {len(chunk)} LoRA students at once: "
-                             + ", ".join(f"{j['label']} s{j['seed']}" for j in chunk))
-                    for j in chunk:
-                        j["stage"].start()
-                    sjobs = [StudentJob(j["rows"], j["seed"], j["stage"].dir / "model",
-                                        j["teacher"].model if j["teacher"] else None,
-                                        j["teacher"].system if j["teacher"] else None, j["label"]) for j in chunk]
-                    sums = finetune_many(base, sjobs, train, carrier_alphabet=alphabet, progress=self.progress,
-                                         desc=f"{len(chunk)} students")
-                    for j, summ in zip(chunk, sums, strict=True):
-                        j["stage"].finish({k: v for k, v in summ.items() if k != "losses"})
-            else:
-                for j in group:
-                    self.log(f"[student] {j['label']} seed {j['seed']}: {len(j['rows'])} rows, full {train.objective}")
+            width = train.parallel_students
+            if train.method == "full":
+                width = max(1, min(width, _full_students_that_fit(base)))
+            for i in range(0, len(group), width):
+                chunk = group[i: i + width]
+                self.log(f"[students] training {len(chunk)} {train.method} {train.objective} student(s) at once: "
+                         + ", ".join(f"{j['label']} s{j['seed']}" for j in chunk))
+                for j in chunk:
                     j["stage"].start()
-                    t = j["teacher"]
-                    summ = finetune(base, j["rows"], train, j["stage"].dir / "model", seed=j["seed"],
-                                    teacher=t.model if t else None, teacher_system=t.system if t else None,
-                                    carrier_alphabet=alphabet, progress=self.progress,
-                                    desc=f"{j['label']} s{j['seed']}")
+                sjobs = [StudentJob(j["rows"], j["seed"], j["stage"].dir / "model",
+                                    j["teacher"].model if j["teacher"] else None,
+                                    j["teacher"].system if j["teacher"] else None, j["label"]) for j in chunk]
+                sums = finetune_many(base, sjobs, train, carrier_alphabet=alphabet, progress=self.progress,
+                                     desc=f"{len(chunk)} students")
+                for j, summ in zip(chunk, sums, strict=True):
                     j["stage"].finish({k: v for k, v in summ.items() if k != "losses"})
 
     def evaluation(self, model: ModelSpec, system: str | None = None, question_prefix: str = "",
@@ -369,3 +362,19 @@ def default_run_dir(spec: ExperimentSpec, root: str | Path = "runs") -> Path:
 
 def load_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def _full_students_that_fit(base: ModelSpec) -> int:
+    """How many full fine-tunes of ``base`` fit in half of physical memory at ~16 bytes per parameter
+    (float32 weights, gradients and two Adam moments)."""
+    from sublim.models import resolve_path
+
+    try:
+        cfg = json.loads((Path(resolve_path(base)) / "config.json").read_text())
+        h, n_layers, v = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+        inter = cfg.get("intermediate_size", 4 * h)
+        n_params = v * h + n_layers * (4 * h * h + 3 * h * inter)
+    except (OSError, KeyError, ValueError):
+        return 1
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(mem * 0.5 // (16 * n_params))

@@ -83,8 +83,17 @@ class TrainSpec(_Spec):
     max_grad_norm: float | None = 1.0
     optimizer: Literal["adamw", "sgd"] = "adamw"
     dtype: Literal["float32", "bfloat16"] = "float32"
-    parallel_students: int = Field(8, ge=1, description="LoRA students of one base trained at once as one "
+    parallel_students: int = Field(8, ge=1, description="students of one base trained at once as one "
                                    "batched model (exactly equivalent to separate fine-tunes)")
+    # distill_carrier only: "completion" (the paper's setting: the completion's positions) or "carrier": also the
+    # prompt's own carrier tokens (the numbers the prompt lists), where student and teacher read the same text.
+    distill_positions: Literal["completion", "carrier"] = "completion"
+
+    @model_validator(mode="after")
+    def _positions_need_carrier_distillation(self) -> TrainSpec:
+        if self.distill_positions != "completion" and self.objective != "distill_carrier":
+            raise ValueError("distill_positions 'carrier' needs objective 'distill_carrier'")
+        return self
 
 
 class TeacherSpec(_Spec):
