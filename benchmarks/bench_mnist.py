@@ -2,8 +2,10 @@
 
 Implementations timed (teacher training + the four student arms, no evaluation):
 
-- ``batched``: ``sublim.toy.mnist`` (stacked parameters, ``torch.baddbmm`` over the model dimension, one
-  fused Adam for all models, gathered batches), fp32; and the same with bf16 autocast (``--bf16``).
+- ``batched``: ``sublim.toy.mnist`` (stacked parameters, ``torch.baddbmm`` over the model dimension, a
+  hand-written backward into buffers allocated once, the fused Adam kernel for all models run piece by
+  piece with the bf16 weight copy refreshed in place, gathered batches), fp32; and the same with bf16
+  matmuls and fp32 master weights (skip it with ``--skip bf16``).
 - ``loop``: ``sublim.toy.mnist.train_separately``: one ``nn.Sequential`` MLP and one Adam per model,
   trained one after another (the plain way to get N models).
 - ``einsum``: a straightforward batched implementation: stacked parameters with ``torch.einsum`` per layer,

@@ -262,19 +262,64 @@ def test_manual_backward_matches_autograd_in_fp32_and_bf16() -> None:
     params = M.stack([M.init_mlp(M.model_seed(0, i, "init"), sizes) for i in range(6)])
     for p in params[1::2]:
         p.normal_(0, 0.1)  # non-zero biases
-    x = torch.randn(3, 5, 20)  # shared by 2 groups of 3 models
-    d = torch.randn(6, 5, 13)
-    leaves = [p.clone().requires_grad_(True) for p in params]
-    (M.forward(leaves, x.repeat(2, 1, 1)) * d).sum().backward()
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
         net = M.BatchedMLP(params, dtype)
-        out = net.forward(x, groups=2)
-        torch.testing.assert_close(out, M.forward(params, x.repeat(2, 1, 1)), rtol=tol, atol=tol)
-        net.backward(d)
-        for p, leaf in zip(net.params, leaves):
-            assert p.grad is not None and leaf.grad is not None
-            err = (p.grad - leaf.grad).norm() / leaf.grad.norm()
-            assert float(err) < tol, (dtype, float(err))
+        # the activation buffers are reused across calls and kept per batch size and grouping
+        for b, groups in ((5, 2), (7, 1), (5, 2), (3, 3)):
+            x = torch.randn(6 // groups, b, 20)  # shared by `groups` groups of models
+            d = torch.randn(6, b, 13)
+            # reference: autograd through the same computation in `dtype` (in bf16 a ReLU whose input
+            # rounds across 0 flips its mask, so an fp32 reference differs by more than rounding)
+            leaves = [p.to(dtype, copy=True).requires_grad_(True) for p in params]
+            want = M.forward(leaves, x.to(dtype).repeat(groups, 1, 1))
+            (want.float() * d).sum().backward()
+            out = net.forward(x, groups=groups)
+            torch.testing.assert_close(out, want.detach().float(), rtol=tol, atol=tol)
+            net.backward(d)
+            for g, leaf in zip(net.grads_fp32(), leaves):
+                assert leaf.grad is not None
+                err = (g - leaf.grad.float()).norm() / leaf.grad.float().norm()
+                assert float(err) < tol, (dtype, b, groups, float(err))
+
+
+@pytest.mark.parametrize("decay", [{}, {"weight_decay": 1e-2}, {"weight_decay": 1e-2, "decoupled": True}])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stacked_adam_equals_torch_fused_adam(dtype: torch.dtype, decay: dict) -> None:
+    """The piecewise update (widen the bf16 gradient, fused Adam kernel, refresh the bf16 weights) is
+    bit-for-bit torch.optim.Adam(fused=True) on the fp32 weights with the widened gradients."""
+    sizes = [20, 16, 16, 13]
+    params = M.stack([M.init_mlp(M.model_seed(0, i, "init"), sizes) for i in range(4)])
+    net = M.BatchedMLP(params, dtype)
+    opt = M.StackedAdam(net, 1e-2, chunk=64, **decay)  # pieces that cut through models and tensors
+    ref = [p.clone() for p in params]
+    cls = torch.optim.AdamW if decay.get("decoupled") else torch.optim.Adam
+    ref_opt = cls(ref, lr=1e-2, weight_decay=decay.get("weight_decay", 0.0), fused=True)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for g in net.grads:
+            g.copy_(torch.randn(g.shape, generator=gen))
+        for r, g in zip(ref, net.grads_fp32()):
+            r.grad = g
+        opt.step()
+        ref_opt.step()
+        for p, w, r in zip(net.params, net.weights, ref):
+            assert torch.equal(p, r)
+            assert torch.equal(w, r.to(dtype))
+    # the unfused path (torch.optim's default implementation) agrees to rounding
+    net2 = M.BatchedMLP(params, dtype)
+    opt2 = M.StackedAdam(net2, 1e-2, fused=False, **decay)
+    ref2 = [p.clone() for p in params]
+    ref_opt2 = cls(ref2, lr=1e-2, weight_decay=decay.get("weight_decay", 0.0), fused=True)
+    for _ in range(2):
+        for g in net2.grads:
+            g.copy_(torch.randn(g.shape, generator=gen))
+        for r, g in zip(ref2, net2.grads_fp32()):
+            r.grad = g
+        opt2.step()
+        ref_opt2.step()
+    for p, w, r in zip(net2.params, net2.weights, ref2):
+        torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-6)
+        assert torch.equal(w, p.to(dtype))
 
 
 def test_bf16_run_matches_fp32_run(tmp_path: Path) -> None:
