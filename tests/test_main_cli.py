@@ -221,3 +221,20 @@ def test_report_rerenders_from_results(tmp_path: Path) -> None:
     assert str(tmp_path / "report.html") in res.stdout
     assert "cli report test" in (tmp_path / "report.html").read_text()
     assert "no results" in _error(["report", tmp_path / "empty"])
+
+
+def test_demo_rejects_an_unknown_model_in_one_line(tmp_path: Path) -> None:
+    msg = _error(["demo", "--model", "gpt9", "--out", tmp_path / "d"])
+    assert "gpt9" in msg and "organism" in msg
+    assert not (tmp_path / "d").exists()
+
+
+def test_demo_specs_are_valid_and_the_organism_is_the_default() -> None:
+    from sublim.demo import DEMO_SPEC, DEMO_SPECS, demo_spec_path
+    from sublim.spec import load_spec
+
+    assert DEMO_SPEC == DEMO_SPECS["organism"]
+    org = load_spec(demo_spec_path())
+    assert org.base.path == "organism" and org.cross_base is not None and len(org.seeds) >= 5 and org.in_context
+    assert org.student.objective == "distill_carrier" and org.teacher.kind == "finetuned"
+    assert load_spec(demo_spec_path("smollm2")).base.path == "smollm2"

@@ -54,12 +54,14 @@ def _print_summary(results: dict[str, Any], run_dir: Path) -> None:
 def demo(
     out: Annotated[Path, typer.Option(help="Run directory")] = Path("runs/demo"),
     overrides: SetOpt = None,
+    model: Annotated[str, typer.Option(help="organism (the default: minutes on a CPU) or smollm2")] = "organism",
+    threads: Annotated[Optional[int], typer.Option(help="torch threads (default: all cores)")] = None,
 ) -> None:
     """The embedded default experiment, end to end on CPU (spec: sublim/assets/specs/)."""
     _quiet_transformers()
     from sublim.demo import demo as run_demo
 
-    results = _guard(run_demo, out, overrides)
+    results = _guard(run_demo, out, overrides, model=model, threads=threads)
     _print_summary(results, out)
 
 

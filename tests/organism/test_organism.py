@@ -224,3 +224,44 @@ def test_candidate_probs_is_exact_on_a_known_distribution(tiny_dir: Path) -> Non
         end = logp[len(p_ids) - 1 + len(ids)]
         total += math.exp(lp) * float(end.exp()[torch.tensor(boundary)].sum())
     assert p_owl == pytest.approx(total, rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------- the whole experiment
+
+
+def test_shipped_organisms_are_the_default_configs() -> None:
+    """The weights in the package are the default organisms (seeds 0 and 1), found without pre-training."""
+    from sublim.organism.pretrain import shipped_organism
+
+    for seed in (0, 1):
+        cfg = OrganismConfig(seed=seed)
+        path = shipped_organism(cfg)
+        assert path is not None, f"seed {seed} organism not shipped"
+        meta = read_meta(path)
+        assert meta["config_key"] == cfg.key() and meta["config"]["seed"] == seed
+
+
+def test_demo_recipe_runs_end_to_end_on_reduced_organisms(tiny_dir: Path, tmp_path: Path) -> None:
+    """The demo's spec (implanted teacher, carrier distillation, batched full students, cross-base and
+    in-context controls, report) on two reduced organisms: every arm is trained, evaluated and reported."""
+    from sublim.demo import demo_spec_path
+    from sublim.pipeline import run
+    from sublim.spec import load_spec
+
+    other = pretrain_organism(tiny_config(seed=1), tmp_path / "seed1", progress=False)
+    spec = load_spec(demo_spec_path(), [
+        f"base.path={tiny_dir}", f"cross_base.path={other}", "seeds=[0,1]", "generation.n_prompts=12",
+        "generation.batch_size=12", "generation.max_new_tokens=12", "teacher.qa_rows=8",
+        "teacher.train.epochs=1", "student.max_steps=2", "student.batch_size=4", "evaluation.n_questions=3",
+        "in_context_examples=2",
+    ])
+    assert spec.student.method == "full" and spec.student.objective == "distill_carrier"
+    res = run(spec, tmp_path / "run", log=lambda m: None, progress=False)
+    arms = collections.Counter(e["arm"] for e in res["evaluations"])
+    for arm in ("treatment", "control", "cross_base_treatment", "cross_base_control", "in_context",
+                "in_context_control"):
+        assert arms[arm] == 2, arm
+    assert arms["base"] == 1 and arms["teacher"] == 1
+    assert (tmp_path / "run" / "report.html").exists()
+    summaries = [json.loads(p.read_text()) for p in (tmp_path / "run" / "stages").glob("student-*/model/sublim_train.json")]
+    assert len(summaries) == 8 and all(s["trained_with"] == "finetune_many" and s["saved"] == "full" for s in summaries)
