@@ -10,9 +10,15 @@
    among all the category's probes, the AUC separating trait datasets from neutral ones by the top z
    (trait-agnostic gate) and by the true trait's z (trait-aware), the raw (uncalibrated) top-1 for contrast,
    and the cost per dataset.
-3. Canary and rows (``--canary``): for some trait datasets, the canary effect (short LoRA fine-tunes, seeds)
-   on all rows, with the top-scored rows (teacher log-likelihood ratio) dropped, and with as many random rows
-   dropped; and the scan's cost relative to one canary run.
+3. Canary and rows (``--canary``): for some trait datasets, the canary effect (short fine-tunes, seeds; LoRA
+   SFT by default, any TrainSpec via ``--canary-set``; with ``objective=distill_carrier`` each student distils
+   its dataset's teacher on the carrier's tokens, the neutral arm distils the base) on all rows, with the
+   top-scored rows (teacher log-likelihood ratio) dropped, and with as many random rows dropped; and the
+   scan's cost relative to one canary run.
+
+Teachers (``--teacher-full``) are implanted with :data:`FULL_IMPLANT` (the final organism's transmitting recipe:
+full fine-tune on 300 trait Q&A rows, lr 3e-3, 30 epochs, batch 32); ``--teacher-set KEY=VALUE`` overrides
+TeacherSpec fields (``qa_rows``, ``max_rounds``, ``min_target_prob``) or the implant's TrainSpec fields.
 """
 from __future__ import annotations
 
@@ -26,6 +32,29 @@ from typing import Any
 import numpy as np
 
 from sublim.runs import atomic_write_json, hash_obj, read_jsonl, write_jsonl
+
+# The final organism's transmitting teacher recipe (docs/results/audits.md): full fine-tune on trait Q&A.
+FULL_IMPLANT: dict[str, Any] = {"method": "full", "lr": 3e-3, "epochs": 30, "batch_size": 32, "warmup_steps": 5}
+FULL_IMPLANT_QA_ROWS = 300
+
+
+def teacher_spec(full: bool, overrides: list[str] | None = None) -> Any:
+    """The implant recipe: :data:`FULL_IMPLANT` with ``full``, else TeacherSpec's default fine-tune; each
+    ``KEY=VALUE`` override goes to the TeacherSpec when it names one of its fields (``qa_rows``, ``max_rounds``,
+    ``min_target_prob``, ``template``), else to its TrainSpec (``epochs``, ``lr``, ``method``, ...)."""
+    from sublim.spec import TeacherSpec, TrainSpec, parse_overrides
+
+    top: dict[str, Any] = {"kind": "finetuned"}
+    train: dict[str, Any] = TeacherSpec.model_validate({}).train.model_dump(mode="json")
+    if full:
+        top["qa_rows"] = FULL_IMPLANT_QA_ROWS
+        train = TrainSpec.model_validate(FULL_IMPLANT).model_dump(mode="json")
+    for k, v in parse_overrides(overrides):
+        if k in TeacherSpec.model_fields and k not in ("train", "kind"):
+            top[k] = v
+        else:
+            train[k] = v
+    return TeacherSpec.model_validate({**top, "train": TrainSpec.model_validate(train)})
 
 
 def auc(pos: list[float], neg: list[float]) -> float | None:
@@ -52,12 +81,19 @@ def make_datasets(base: Any, category: str, traits: list[str], seeds: list[int],
     for t in traits:
         tdir = work / "teachers" / t
         info = tdir / "teacher.json"
+        recipe = tspec.model_dump(mode="json")
         if info.exists():
-            teachers[t] = Teacher(ModelSpec(**json.loads(info.read_text())["model"]), None, t, "finetuned")
+            cached = json.loads(info.read_text())
+            if cached.get("recipe", recipe) != recipe:
+                raise ValueError(f"{info}: cached {t} teacher was implanted with another recipe "
+                                 f"({cached['recipe']}); use another --work directory")
+            teachers[t] = Teacher(ModelSpec(**cached["model"]), None, t, "finetuned")
         else:
             log(f"[validate] implanting a {t} teacher")
+            t0 = time.perf_counter()
             teacher, summary = implant_teacher(spec, category, t, tspec, tdir, log=log)
-            atomic_write_json(info, {**summary, "model": teacher.model.model_dump()})
+            atomic_write_json(info, {**summary, "model": teacher.model.model_dump(), "recipe": recipe,
+                                     "seconds": time.perf_counter() - t0})
             teachers[t] = teacher
     for seed in seeds:
         for tr in [*traits, None]:
@@ -134,8 +170,9 @@ def validate_scan(base: Any, category: str, datasets: list[dict[str, Any]], max_
 def validate_canary(base: Any, category: str, datasets: list[dict[str, Any]], traits: list[str], seeds: list[int],
                     n_rows: int, drop: float, train: Any, work: Path, scan: dict[str, Any] | None = None,
                     log: Any = print) -> dict[str, Any]:
-    """Canary effect of each trait dataset (seed 0 data) vs the neutral one; then with the top-``drop`` rows
-    by teacher score removed and with as many random rows removed. With ``scan`` (from :func:`validate_scan`),
+    """Canary effect of each trait dataset (seed 0 data) vs the neutral one; then (``drop`` > 0) with the
+    top-``drop`` rows by teacher score removed and with as many random rows removed. A distilling ``train``
+    (``objective`` other than ``sft``) trains each arm on its dataset's teacher (the base for neutral data). With ``scan`` (from :func:`validate_scan`),
     also the rank correlation over all probes between the scan's prediction (cosine minus the neutral
     dataset's) and the canary's measured shift of every candidate."""
     from scipy.stats import spearmanr
@@ -147,39 +184,51 @@ def validate_canary(base: Any, category: str, datasets: list[dict[str, Any]], tr
     from sublim.stats import compare
 
     spec = base if isinstance(base, ModelSpec) else ModelSpec(path=str(base))
+    alphabet = None
+    if train.objective == "distill_carrier":
+        from sublim.pipeline import make_carrier
+        from sublim.spec import CarrierSpec
+
+        carrier = make_carrier(CarrierSpec(name="numbers"))
+        alphabet = frozenset(set().union(*(carrier.grammar(p.meta).alphabet for p in carrier.prompts(50, 0))))
     by = {(d["trait"], d["seed"]): d for d in datasets}
     s0 = min(d["seed"] for d in datasets)
     neutral_rows = read_jsonl(by[(None, s0)]["path"])[:n_rows]
     results: dict[str, Any] = {"drop": drop, "seeds": seeds, "traits": {}}
 
-    def arm(label: str, rows: list[dict[str, Any]], seed: int) -> dict[str, float]:
+    def arm(label: str, rows: list[dict[str, Any]], seed: int, teacher: dict[str, Any]) -> dict[str, float]:
         key = f"{label}-s{seed}"
         f = work / "canary" / f"{key}.json"
         if f.exists():
             return dict(json.loads(f.read_text()))
         out = work / "canary" / key
         t0 = time.perf_counter()
-        finetune(spec, rows, train, out, seed=seed, progress=False)
-        p = battery(student_spec(spec, out, train), [category])
-        atomic_write_json(f, {**p, "_seconds": time.perf_counter() - t0})
-        return p
+        distil = train.objective != "sft"  # students distil the dataset's own teacher (the base for neutral data)
+        finetune(spec, rows, train, out, seed=seed, progress=False, teacher=ModelSpec(**teacher) if distil else None,
+                 carrier_alphabet=alphabet)
+        p = {**battery(student_spec(spec, out, train), [category]), "_seconds": time.perf_counter() - t0}
+        atomic_write_json(f, p)
+        return p  # with its cost (a first run used to return it without, so canary_seconds read 0)
 
     canary_seconds = []
     for t in traits:
         d = by[(t, s0)]
         rows = read_jsonl(d["path"])[:n_rows]
-        scored = score_rows(rows, spec, teacher=ModelSpec(**d["teacher"]), top=drop)
-        flagged = {r["index"] for r in scored.payload["rows"] if r["flagged"]}
-        k = len(flagged)
-        rnd = set(random.Random(f"validate:{t}").sample(range(len(rows)), k))
-        conds = {"all": rows, "drop_top": [r for i, r in enumerate(rows) if i not in flagged],
-                 "drop_random": [r for i, r in enumerate(rows) if i not in rnd]}
+        conds = {"all": rows}
+        k = 0
+        if drop > 0:  # drop <= 0: the canary effect on all rows only
+            scored = score_rows(rows, spec, teacher=ModelSpec(**d["teacher"]), top=drop)
+            flagged = {r["index"] for r in scored.payload["rows"] if r["flagged"]}
+            k = len(flagged)
+            rnd = set(random.Random(f"validate:{t}").sample(range(len(rows)), k))
+            conds["drop_top"] = [r for i, r in enumerate(rows) if i not in flagged]
+            conds["drop_random"] = [r for i, r in enumerate(rows) if i not in rnd]
         key = f"{category}:{t}"
-        ctrl_arms = [arm("neutral", neutral_rows, s) for s in seeds]
+        ctrl_arms = [arm("neutral", neutral_rows, s, by[(None, s0)]["teacher"]) for s in seeds]
         ctrl = [a[key] for a in ctrl_arms]
         res_t: dict[str, Any] = {"dropped": k}
         for c, rs in conds.items():
-            arms_c = [arm(f"{t}-{c}", rs, s) for s in seeds]
+            arms_c = [arm(f"{t}-{c}", rs, s, d["teacher"]) for s in seeds]
             vals = [a[key] for a in arms_c]
             cmp_ = compare(vals, ctrl)
             res_t[c] = {"diff": cmp_["diff"], "ci": cmp_["diff_t_ci"], "p": cmp_["p_welch"], "values": vals}
@@ -199,7 +248,7 @@ def validate_canary(base: Any, category: str, datasets: list[dict[str, Any]], tr
                     res_t["measured_rank_of_trait"] = int(1 + sum(m > measured[cands.index(t)] for m in measured))
                     res_t["measured_top"] = cands[int(np.argmax(measured))]
         e = res_t["all"]["diff"]
-        if e:
+        if e and "drop_top" in res_t:
             res_t["removed_by_top"] = 1 - res_t["drop_top"]["diff"] / e
             res_t["removed_by_random"] = 1 - res_t["drop_random"]["diff"] / e
         results["traits"][t] = res_t
@@ -222,24 +271,27 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--canary", action="store_true", help="also run the canary / row-drop validation")
     ap.add_argument("--canary-seeds", type=int, default=3)
     ap.add_argument("--canary-traits", default=None, help="traits for the canary (default: the first two)")
-    ap.add_argument("--drop", type=float, default=0.2)
+    ap.add_argument("--drop", type=float, default=0.2, help="share of rows dropped (top-scored / random); 0: no "
+                    "row-drop arms")
     ap.add_argument("--canary-set", action="append", default=[], help="TrainSpec override for the canary, KEY=VALUE")
-    ap.add_argument("--teacher-full", action="store_true", help="implant teachers by full fine-tuning")
+    ap.add_argument("--teacher-full", action="store_true",
+                    help="implant teachers by full fine-tuning (FULL_IMPLANT: 300 Q&A rows, lr 3e-3, 30 epochs, batch 32)")
+    ap.add_argument("--teacher-set", action="append", default=[],
+                    help="implant override, KEY=VALUE: a TeacherSpec field (qa_rows, max_rounds, min_target_prob) "
+                         "or a TrainSpec field (epochs, lr, batch_size, method, ...)")
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    from sublim.spec import ModelSpec, TeacherSpec, TrainSpec
+    from sublim.spec import ModelSpec, TrainSpec
 
     work = Path(a.work)
     base = ModelSpec(path=a.base)
     traits = [t for t in a.traits.split(",") if t]
-    tspec = None
-    if a.teacher_full:
-        tspec = TeacherSpec.model_validate({"kind": "finetuned", "train": TrainSpec.model_validate(
-            {"method": "full", "epochs": 3, "lr": 3e-3, "batch_size": 16, "warmup_steps": 0})})
+    tspec = teacher_spec(a.teacher_full, a.teacher_set)
     t0 = time.perf_counter()
     ds = make_datasets(base, a.category, traits, list(range(a.seeds)), a.rows, work, tspec)
-    res: dict[str, Any] = {"args": vars(a), "datasets_seconds": time.perf_counter() - t0}
+    res: dict[str, Any] = {"args": vars(a), "teacher": tspec.model_dump(mode="json"),
+                           "datasets_seconds": time.perf_counter() - t0}
     res["scan"] = validate_scan(base, a.category, ds, a.scan_rows)
     s = res["scan"]
     print(f"scan: top-1 {s['top1']:.2f} (raw {s['raw_top1']:.2f}, centred {s['centred_top1']:.2f}); AUC top-z "
