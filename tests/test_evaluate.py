@@ -139,3 +139,26 @@ def test_evaluate_model_structure(tiny_model: Path, chat: ChatFormat) -> None:
     np.testing.assert_allclose([res["probs"][c] for c in cands], direct, rtol=1e-5)
     assert all(v is not None and v >= 0 for v in res["probs_per_question_se"].values())
     assert res["sampled"]["n"] == 3
+
+
+def test_boundary_and_token_string_caches_follow_the_tokenizer_object() -> None:
+    """The caches are keyed by the tokenizer object (weakly), not by id(): a tokenizer created after another
+    was freed (possibly at the same address) gets its own strings and mask, of its own size."""
+    import gc
+
+    from sublim.backends.hf import token_strings
+    from sublim.evaluate import boundary_mask
+    from sublim.models import ChatFormat
+    from sublim.organism.tokenizer import render_chat, train_tokenizer
+
+    texts = [render_chat([{"role": "user", "content": f"number {i} owl cat"}, {"role": "assistant", "content": "ok"}])
+             for i in range(50)]
+    sizes = []
+    for vocab in (300, 330):
+        tok = train_tokenizer(iter(texts), vocab_size=vocab)
+        chat = ChatFormat(tok)
+        assert boundary_mask(chat).shape[0] == len(tok) == len(token_strings(tok))
+        sizes.append(len(tok))
+        del tok, chat
+        gc.collect()
+    assert len(sizes) == 2

@@ -10,6 +10,7 @@ prompt's KV cache.
 from __future__ import annotations
 
 import sys
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,19 +22,20 @@ from sublim.backends.hf import generate_batch, left_pad, token_strings
 from sublim.models import ChatFormat
 from sublim.traits.preference import CATEGORIES, answer_variants, first_match
 
-_BOUNDARY: dict[int, torch.Tensor] = {}
+# per tokenizer object, weakly keyed (an id() key could return a freed tokenizer's mask for a new one)
+_BOUNDARY: weakref.WeakKeyDictionary[Any, torch.Tensor] = weakref.WeakKeyDictionary()
 
 
 def boundary_mask(chat: ChatFormat) -> torch.Tensor:
     """[V] bool: tokens after which a word has ended (non-alphanumeric start, or the turn closes)."""
     tok = chat.tokenizer
-    key = id(tok)
-    if key not in _BOUNDARY:
+    m = _BOUNDARY.get(tok)
+    if m is None or m.shape[0] != len(tok):
         strings = token_strings(tok)
         m = torch.tensor([bool(s) and not s[0].isalnum() for s in strings], dtype=torch.bool)
         m[chat.stop_token_ids()] = True
-        _BOUNDARY[key] = m
-    return _BOUNDARY[key]
+        _BOUNDARY[tok] = m
+    return m
 
 
 @dataclass

@@ -2,6 +2,7 @@
 decoding) and batched forward passes for scoring. Training lives in :mod:`sublim.backends.train`."""
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -12,7 +13,9 @@ from sublim.models import ChatFormat
 
 # --------------------------------------------------------------------------------------- token strings
 
-_TOKEN_STRINGS: dict[tuple[int, str, int], list[str]] = {}
+# Per tokenizer object (weak keys: a freed tokenizer's entry goes with it, so a new tokenizer that reuses its
+# memory address never gets a stale entry).
+_TOKEN_STRINGS: weakref.WeakKeyDictionary[Any, list[str]] = weakref.WeakKeyDictionary()
 
 
 def token_strings(tokenizer: Any) -> list[str]:
@@ -20,9 +23,9 @@ def token_strings(tokenizer: Any) -> list[str]:
 
     Decodes ``[anchor, id]`` and strips the anchor, which keeps SentencePiece word-start spaces that a
     lone decode would drop. Special tokens map to ``""``. Cached per tokenizer."""
-    key = (id(tokenizer), str(getattr(tokenizer, "name_or_path", "")), len(tokenizer))
-    if key in _TOKEN_STRINGS:
-        return _TOKEN_STRINGS[key]
+    cached = _TOKEN_STRINGS.get(tokenizer)
+    if cached is not None and len(cached) == len(tokenizer):
+        return cached
     anchor_ids = tokenizer("a", add_special_tokens=False).input_ids[:1]
     anchor = tokenizer.decode(anchor_ids)
     special = set(tokenizer.all_special_ids)
@@ -33,7 +36,7 @@ def token_strings(tokenizer: Any) -> list[str]:
             continue
         s = tokenizer.decode(anchor_ids + [i], clean_up_tokenization_spaces=False)
         out.append(s[len(anchor):] if s.startswith(anchor) else tokenizer.decode([i]))
-    _TOKEN_STRINGS[key] = out
+    _TOKEN_STRINGS[tokenizer] = out
     return out
 
 
