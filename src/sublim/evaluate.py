@@ -64,9 +64,9 @@ def exact_probs(model: Any, chat: ChatFormat, questions: Sequence[str], candidat
                 plurals: dict[str, str], system: str | None = None, batch_size: int = 8,
                 progress: bool | None = None) -> np.ndarray:
     """[n_questions, n_candidates] exact P(one-word answer = candidate)."""
-    from tqdm.auto import tqdm
-
     import copy
+
+    from tqdm.auto import tqdm
 
     tok = chat.tokenizer
     var = build_variants(tok, candidates, plurals)

@@ -17,8 +17,17 @@ from typing import Any
 
 from sublim.carriers import CARRIERS
 from sublim.filters import FilterContext, FilterSpec, apply_filters
-from sublim.runs import JsonlStream, Stage, atomic_write_json, atomic_write_text, environment, hash_obj, \
-    read_jsonl, sha256_text, write_jsonl
+from sublim.runs import (
+    JsonlStream,
+    Stage,
+    atomic_write_json,
+    atomic_write_text,
+    environment,
+    hash_obj,
+    read_jsonl,
+    sha256_text,
+    write_jsonl,
+)
 from sublim.spec import CarrierSpec, ExperimentSpec, GenerationSpec, ModelSpec, TrainSpec, dump_spec
 from sublim.teachers import Teacher, implant_teacher, neutral_teacher, system_prompt_teacher
 from sublim.traits.preference import CATEGORIES, eval_questions, number_prefixed_questions
@@ -45,7 +54,6 @@ def generate(teacher: Teacher, carrier_spec: CarrierSpec, gen: GenerationSpec, o
 
     Resumable: rows already on disk are kept; batches are a fixed grid with per-batch seeds, so the
     rerun regenerates only missing rows, identically. Returns all rows in prompt order."""
-    import torch
     from tqdm.auto import tqdm
 
     from sublim.backends.hf import batches, generate_batch

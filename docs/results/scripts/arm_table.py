@@ -38,7 +38,7 @@ def main(path: str) -> None:
             v = [e["probs"][t] for e in ev if e["arm"] == arm and (e["target"] in (t, None))]
             if v:
                 print(f"| {label} | {cell(v)} | {len(v)} |")
-        print(f"\n| comparison | difference [95% CI] | ratio | Welch p | exact permutation p (two-sided / one-sided) |"
+        print("\n| comparison | difference [95% CI] | ratio | Welch p | exact permutation p (two-sided / one-sided) |"
               "\n|---|---|---|---|---|")
         for a, b, label in PAIRS:
             c = next((c for c in r["comparisons"] if c["target"] == t and c["metric"] == "probs"

@@ -266,11 +266,11 @@ def finetune_many(base: ModelSpec, jobs: Sequence[StudentJob], spec: TrainSpec, 
                 batch += [(s, i) for i in idx]
             with autocast:
                 per = _per_student_loss(model, batch, S, spec, pad, jobs, targets, subset, teachers, positions)
-            total = sum(loss for loss, _ in per) / spec.grad_accum
+            total = torch.stack([loss for loss, _ in per]).sum() / spec.grad_accum
             total.backward()
-            for s, (loss, n) in enumerate(per):
+            for s, (loss, count) in enumerate(per):
                 acc[s] += float(loss.detach()) / spec.grad_accum
-                n_tok[s] += n
+                n_tok[s] += count
         if spec.max_grad_norm:
             _clip_per_student(params, S, spec.max_grad_norm)
         opt.step()
