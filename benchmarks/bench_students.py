@@ -32,7 +32,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     from sublim.backends.multi import StudentJob, finetune_many
     from sublim.backends.train import finetune
-    from sublim.pipeline import generate
+    from sublim.pipeline import carrier_alphabet, generate
     from sublim.spec import CarrierSpec, GenerationSpec, ModelSpec, TrainSpec
     from sublim.teachers import neutral_teacher
 
@@ -41,10 +41,7 @@ def main() -> None:
     rows = generate(neutral_teacher(base), CarrierSpec(), GenerationSpec(n_prompts=a.rows, batch_size=100,
                                                                            max_new_tokens=52), tmp / "rows.jsonl")
     rows = [r for r in rows if r["completion"].strip()]
-    from sublim.carriers.numbers import NumberCarrier
-
-    c = NumberCarrier()
-    alphabet = frozenset(set().union(*(c.grammar(p.meta).alphabet for p in c.prompts(50, 0))))
+    alphabet = carrier_alphabet(CarrierSpec())
     spec = TrainSpec(method="full", objective="distill_carrier", max_steps=a.steps, batch_size=a.batch_size,
                      lr=1e-3, warmup_steps=0)
     teacher = base  # the cost of a distillation step does not depend on which teacher it is

@@ -109,6 +109,12 @@ def filter_rows(rows: Sequence[dict], filters: Sequence[Any], carrier_spec: Carr
     return apply_filters(rows, specs, ctx)
 
 
+def carrier_alphabet(carrier_spec: CarrierSpec) -> frozenset[str]:
+    """Every character the carrier's answers may use (the distill_carrier token subset is built from it)."""
+    carrier = make_carrier(carrier_spec)
+    return frozenset(set().union(*(carrier.grammar(p.meta).alphabet for p in carrier.prompts(50, 0))))
+
+
 # ------------------------------------------------------------------------------------------------ run
 
 
@@ -188,8 +194,7 @@ class Experiment:
     def _alphabet(self) -> frozenset[str] | None:
         if self.spec.student.objective != "distill_carrier":
             return None
-        carrier = make_carrier(self.spec.carrier)
-        return frozenset(set().union(*(carrier.grammar(p.meta).alphabet for p in carrier.prompts(50, 0))))
+        return carrier_alphabet(self.spec.carrier)
 
     def _manifest(self, path: Path, rows: list[dict], teacher: Teacher, filters: dict, counts: dict) -> None:
         """The provenance sidecar (teacher/base identities, settings, per-row hashes, Merkle root)."""
