@@ -242,6 +242,8 @@ def finetune_many(base: ModelSpec, jobs: Sequence[StudentJob], spec: TrainSpec, 
         positions = [[carrier_positions(e, allowed) for e in job.encoded] for job in jobs]
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec.dtype == "bfloat16")
     targets = _teacher_targets(jobs, teachers, subset, spec, tok.pad_token_id, autocast, positions)
+    if targets is not None:
+        teachers.clear()  # every target is cached: the teacher models are not needed while training
     opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay) if spec.optimizer == "adamw" \
         else torch.optim.SGD(params, lr=spec.lr, weight_decay=spec.weight_decay)
     sched = get_scheduler(spec.schedule, opt, num_warmup_steps=spec.warmup_steps, num_training_steps=n_steps)
@@ -309,14 +311,15 @@ def _teacher_targets(jobs: Sequence[StudentJob], teachers: dict[str, Any], subse
         if positions is not None:
             raise ValueError("distill_positions 'carrier': the teacher's targets do not fit in memory")
         return None
-    Key = tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+    # (teacher, teacher prompt, completion, distilled positions, student prompt length)
+    Key = tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...], int]
     cache: dict[Key, torch.Tensor] = {}
     out: list[list[torch.Tensor]] = []
     for j, job in enumerate(jobs):
         assert job.teacher is not None
         tkey = job.teacher.model_dump_json()
         keys: list[Key] = [(tkey, tuple(e.teacher_prompt), tuple(e.completion),
-                            tuple(positions[j][i]) if positions is not None else ())
+                            tuple(positions[j][i]) if positions is not None else (), len(e.prompt))
                            for i, e in enumerate(job.encoded)]
         todo = list(dict.fromkeys(k for k in keys if k not in cache))
         for i in range(0, len(todo), 64):
@@ -327,7 +330,7 @@ def _teacher_targets(jobs: Sequence[StudentJob], teachers: dict[str, Any], subse
                                            pad).float()
                 else:  # the teacher's prompt may be longer (a system prompt): align from the prompt's end
                     lg = position_logits(teachers[tkey], [list(k[1] + k[2]) for k in chunk],
-                                         [[t + len(k[1]) - _student_prompt_len(k) for t in k[3]]
+                                         [[t + len(k[1]) - k[4] for t in k[3]]
                                           for k in chunk], pad).float()
             if subset is not None:
                 lg = lg[:, subset]
@@ -338,12 +341,6 @@ def _teacher_targets(jobs: Sequence[StudentJob], teachers: dict[str, Any], subse
                 start += n
         out.append([cache[k] for k in keys])
     return out
-
-
-def _student_prompt_len(key: tuple[Any, ...]) -> int:
-    """The student's prompt length in a target-cache key: its positions end with the completion's."""
-    _, _, completion, positions = key
-    return int(positions[-len(completion)])
 
 
 def carrier_positions(e: Encoded, allowed: set[int]) -> list[int]:
@@ -385,7 +382,7 @@ def _per_student_loss(model: Any, batch: list[tuple[int, int]], S: int, spec: Tr
     """One forward for all students (rows grouped by student, equal counts), then each student's loss.
     ``batch`` holds (student, row index) pairs; ``positions`` (distill_positions 'carrier') the distilled
     indices of each row."""
-    from sublim.backends.train import completion_logits, objective_loss
+    from sublim.backends.train import completion_logits, kl_per_token, objective_loss
 
     enc = [jobs[s].encoded[i] for s, i in batch]
     b = len(batch) // S
@@ -409,7 +406,7 @@ def _per_student_loss(model: Any, batch: list[tuple[int, int]], S: int, spec: Tr
             if targets is not None:
                 tl = torch.cat([targets[s][i] for _, i in batch[s * b:(s + 1) * b]])
                 if subset is not None:  # already restricted: objective_loss must not index it again
-                    out.append((_kl(sl[:, subset], tl), n))
+                    out.append((kl_per_token(sl[:, subset], tl), n))
                     continue
             else:
                 job = jobs[s]
@@ -419,12 +416,6 @@ def _per_student_loss(model: Any, batch: list[tuple[int, int]], S: int, spec: Tr
                                            [e.completion for e in rows], pad).float()
         out.append((objective_loss(sl, target, tl, spec.objective, subset), n))
     return out
-
-
-def _kl(s_logits: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor:
-    """Mean per-token KL(teacher || student) of two logit tensors over the same columns."""
-    t_logp = torch.log_softmax(t_logits, -1)
-    return (t_logp.exp() * (t_logp - torch.log_softmax(s_logits, -1))).sum(-1).mean()
 
 
 def _clip_per_student(params: Sequence[torch.Tensor], S: int, max_norm: float) -> None:

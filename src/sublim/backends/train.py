@@ -74,9 +74,13 @@ def objective_loss(s_logits: torch.Tensor, targets: torch.Tensor, t_logits: torc
     if objective == "distill_carrier":
         assert subset is not None
         s_logits, t_logits = s_logits[:, subset], t_logits[:, subset]
+    return kl_per_token(s_logits, t_logits)
+
+
+def kl_per_token(s_logits: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor:
+    """Mean per-token KL(teacher || student) of two [N, V] logit tensors over the same columns."""
     t_logp = F.log_softmax(t_logits, -1)
-    s_logp = F.log_softmax(s_logits, -1)
-    return (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()  # mean per-token KL(teacher || student)
+    return (t_logp.exp() * (t_logp - F.log_softmax(s_logits, -1))).sum(-1).mean()
 
 
 def step_loss(model: Any, batch: list[Encoded], pad: int, objective: str, teacher: Any | None,
