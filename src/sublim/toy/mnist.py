@@ -360,8 +360,9 @@ class BatchedMLP:
         self.params = [p.detach().clone().contiguous() for p in params]
         self.dtype = dtype
         self.weights = self.params if dtype == torch.float32 else [p.to(dtype) for p in self.params]
+        # every backward writes all of them (no accumulation), so they start uninitialised
         self.grads: Params = (
-            [torch.zeros_like(self.weights[k] if k % 2 == 0 else p) for k, p in enumerate(self.params)]
+            [torch.empty_like(self.weights[k] if k % 2 == 0 else p) for k, p in enumerate(self.params)]
             if train
             else []
         )
@@ -389,6 +390,8 @@ class BatchedMLP:
                 "x": [torch.empty(m // groups, b, d, dtype=self.dtype)],
                 "z": [torch.empty(m, b, o, dtype=self.dtype) for o in outs],
                 "da": [torch.empty(m, b, o, dtype=self.dtype) for o in outs[:-1]],
+                # fp32 copy of a layer's output gradient, summed into the bias gradient (below)
+                "dz32": [torch.empty(m, b, max(outs))] if self.dtype != torch.float32 else [],
             }
         return self._bufs[key]
 
@@ -436,7 +439,13 @@ class BatchedMLP:
                     torch.bmm(a.transpose(1, 2), dz[gs], out=gw[gs])
             else:
                 torch.bmm(a.transpose(1, 2), dz, out=gw)
-            torch.sum(dz, dim=1, dtype=torch.float32, out=gb)
+            if dz.dtype == torch.float32:
+                torch.sum(dz, dim=1, out=gb)
+            else:
+                # widen, then sum in fp32: 3x faster than sum(dtype=float32) over the middle dimension of
+                # a bf16 tensor (1.7 ms vs 5.1 ms for 400 x 64 x 256, two threads); both add exact fp32 values
+                wide = bufs["dz32"][0].view(-1)[: dz.numel()].view(dz.shape).copy_(dz)
+                torch.sum(wide, dim=1, out=gb)
             if k > 0:
                 da = torch.bmm(dz, self.weights[2 * k].transpose(1, 2), out=bufs["da"][k - 1])
                 # relu': a = relu(z) > 0 iff z > 0; in place into the buffer
