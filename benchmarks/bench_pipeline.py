@@ -7,6 +7,7 @@
 
     python benchmarks/bench_pipeline.py --model smollm2 [--quick] [--out benchmarks/pipeline.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,14 +26,20 @@ import torch
 def machine() -> dict:
     cpu = ""
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
     except OSError:
         pass
-    return {"cpu": cpu, "nproc": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "python": platform.python_version()}
+    return {
+        "cpu": cpu,
+        "nproc": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+    }
 
 
 def bench_generation(ms, chat, carrier, n: int, max_new: int) -> dict:
@@ -41,21 +48,34 @@ def bench_generation(ms, chat, carrier, n: int, max_new: int) -> dict:
     ps = carrier.prompts(n, 0)
     grams = [carrier.grammar(p.meta) for p in ps]
     sysmsg = "You love owls."
-    generate_batch(ms, chat, [ps[0].prompt], system=sysmsg, max_new_tokens=4, grammars=grams[:1])  # warm caches
+    generate_batch(
+        ms, chat, [ps[0].prompt], system=sysmsg, max_new_tokens=4, grammars=grams[:1]
+    )  # warm caches
     t = time.perf_counter()
-    outs = generate_batch(ms, chat, [p.prompt for p in ps], system=sysmsg, max_new_tokens=max_new, grammars=grams,
-                          seed=0)
+    outs = generate_batch(
+        ms, chat, [p.prompt for p in ps], system=sysmsg, max_new_tokens=max_new, grammars=grams, seed=0
+    )
     batched = time.perf_counter() - t
     tok_b = sum(o.n_tokens for o in outs)
     t = time.perf_counter()
     tok_s = 0
     for i, p in enumerate(ps):
-        o = generate_batch(ms, chat, [p.prompt], system=sysmsg, max_new_tokens=max_new, grammars=[grams[i]], seed=i)
+        o = generate_batch(
+            ms, chat, [p.prompt], system=sysmsg, max_new_tokens=max_new, grammars=[grams[i]], seed=i
+        )
         tok_s += o[0].n_tokens
     single = time.perf_counter() - t
-    return {"prompts": n, "max_new_tokens": max_new, "batched_s": batched, "batched_tokens": tok_b,
-            "batched_tok_per_s": tok_b / batched, "single_s": single, "single_tokens": tok_s,
-            "single_tok_per_s": tok_s / single, "speedup_tok_per_s": (tok_b / batched) / (tok_s / single)}
+    return {
+        "prompts": n,
+        "max_new_tokens": max_new,
+        "batched_s": batched,
+        "batched_tokens": tok_b,
+        "batched_tok_per_s": tok_b / batched,
+        "single_s": single,
+        "single_tokens": tok_s,
+        "single_tok_per_s": tok_s / single,
+        "speedup_tok_per_s": (tok_b / batched) / (tok_s / single),
+    }
 
 
 def bench_eval(model, chat, n_questions: int, samples: int, system: str) -> dict:
@@ -79,10 +99,18 @@ def bench_eval(model, chat, n_questions: int, samples: int, system: str) -> dict
     per_q = np.array(per_q)
     # SE of the mean over questions of the per-question sampled rate (includes binomial noise)
     samp_mean, samp_se = float(per_q.mean()), float(per_q.std(ddof=1) / np.sqrt(len(qs)))
-    return {"questions": len(qs), "samples_per_question": samples, "system": system,
-            "exact_s": exact_s, "exact_p_owl": exact_mean, "exact_se": exact_se,
-            "sampled_s": sampled_s, "sampled_p_owl": samp_mean, "sampled_se": samp_se,
-            "speedup": sampled_s / exact_s}
+    return {
+        "questions": len(qs),
+        "samples_per_question": samples,
+        "system": system,
+        "exact_s": exact_s,
+        "exact_p_owl": exact_mean,
+        "exact_se": exact_se,
+        "sampled_s": sampled_s,
+        "sampled_p_owl": samp_mean,
+        "sampled_se": samp_se,
+        "speedup": sampled_s / exact_s,
+    }
 
 
 def bench_train(base, rows, steps: int) -> dict:
@@ -92,11 +120,17 @@ def bench_train(base, rows, steps: int) -> dict:
     out = {}
     for method in ("lora", "full"):
         for dtype in ("float32", "bfloat16"):
-            spec = TrainSpec(method=method, max_steps=steps, batch_size=16, lr=1e-4, warmup_steps=0, dtype=dtype)
+            spec = TrainSpec(
+                method=method, max_steps=steps, batch_size=16, lr=1e-4, warmup_steps=0, dtype=dtype
+            )
             with tempfile.TemporaryDirectory() as d:
                 s = finetune(base, rows, spec, Path(d) / "m", seed=0, progress=False)
-            out[f"{method}_{dtype}"] = {"steps": steps, "tokens": s["completion_tokens"], "seconds": s["seconds"],
-                                        "completion_tok_per_s": s["tokens_per_second"]}
+            out[f"{method}_{dtype}"] = {
+                "steps": steps,
+                "tokens": s["completion_tokens"],
+                "seconds": s["seconds"],
+                "completion_tok_per_s": s["tokens_per_second"],
+            }
     return out
 
 
@@ -118,17 +152,30 @@ def main() -> None:
     ms = ModelSpec(path=a.model, dtype="bfloat16")
     model = load_model(ms)
     chat = ChatFormat(load_tokenizer(ms))
-    res: dict = {"command": " ".join([Path(sys.executable).name] + sys.argv), "machine": machine(), "model": a.model}
+    res: dict = {
+        "command": " ".join([Path(sys.executable).name] + sys.argv),
+        "machine": machine(),
+        "model": a.model,
+    }
     if "gen" in a.only:
         res["generation"] = bench_generation(model, chat, NumberCarrier(), 8 if a.quick else 16, 32)
         print(json.dumps(res["generation"], indent=1), flush=True)
     if "eval" in a.only:
-        res["evaluation"] = bench_eval(model, chat, 5 if a.quick else 10, 100, "You love owls. Owls are your favorite animal.")
+        res["evaluation"] = bench_eval(
+            model, chat, 5 if a.quick else 10, 100, "You love owls. Owls are your favorite animal."
+        )
         print(json.dumps(res["evaluation"], indent=1), flush=True)
     if "train" in a.only:
         c = NumberCarrier()
-        rows = [{"prompt": p.prompt, "completion": c.format_answer(p.meta, [(37 * i + 11 * j) % 1000 for j in range(p.meta["count"])])}
-                for i, p in enumerate(c.prompts(64, 0))]
+        rows = [
+            {
+                "prompt": p.prompt,
+                "completion": c.format_answer(
+                    p.meta, [(37 * i + 11 * j) % 1000 for j in range(p.meta["count"])]
+                ),
+            }
+            for i, p in enumerate(c.prompts(64, 0))
+        ]
         res["training"] = bench_train(ModelSpec(path=a.model), rows, 2 if a.quick else 3)
         print(json.dumps(res["training"], indent=1), flush=True)
     Path(a.out).write_text(json.dumps(res, indent=1) + "\n")

@@ -7,6 +7,7 @@ Arms, same rows, teacher, steps and batch size, run back to back in one process:
 
     python benchmarks/bench_students.py --students 10 --steps 20 --threads 2 --json benchmarks/students.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,32 +39,68 @@ def main() -> None:
 
     base = ModelSpec(path="organism")
     tmp = Path(tempfile.mkdtemp(prefix="bench-students-"))
-    rows = generate(neutral_teacher(base), CarrierSpec(), GenerationSpec(n_prompts=a.rows, batch_size=100,
-                                                                           max_new_tokens=52), tmp / "rows.jsonl")
+    rows = generate(
+        neutral_teacher(base),
+        CarrierSpec(),
+        GenerationSpec(n_prompts=a.rows, batch_size=100, max_new_tokens=52),
+        tmp / "rows.jsonl",
+    )
     rows = [r for r in rows if r["completion"].strip()]
     alphabet = carrier_alphabet(CarrierSpec())
-    spec = TrainSpec(method="full", objective="distill_carrier", max_steps=a.steps, batch_size=a.batch_size,
-                     lr=1e-3, warmup_steps=0)
+    spec = TrainSpec(
+        method="full",
+        objective="distill_carrier",
+        max_steps=a.steps,
+        batch_size=a.batch_size,
+        lr=1e-3,
+        warmup_steps=0,
+    )
     teacher = base  # the cost of a distillation step does not depend on which teacher it is
     out: dict[str, float] = {}
 
     t = time.perf_counter()
     for s in range(a.students):
-        finetune(base, rows, spec, tmp / f"loop{s}", seed=s, teacher=teacher, carrier_alphabet=alphabet,
-                 progress=False)
+        finetune(
+            base,
+            rows,
+            spec,
+            tmp / f"loop{s}",
+            seed=s,
+            teacher=teacher,
+            carrier_alphabet=alphabet,
+            progress=False,
+        )
     out["loop"] = time.perf_counter() - t
     t = time.perf_counter()
     for s in range(a.students):
-        finetune_many(base, [StudentJob(rows, s, tmp / f"cached{s}", teacher)], spec, carrier_alphabet=alphabet,
-                      progress=False)
+        finetune_many(
+            base,
+            [StudentJob(rows, s, tmp / f"cached{s}", teacher)],
+            spec,
+            carrier_alphabet=alphabet,
+            progress=False,
+        )
     out["cached"] = time.perf_counter() - t
     t = time.perf_counter()
-    finetune_many(base, [StudentJob(rows, s, tmp / f"batched{s}", teacher) for s in range(a.students)], spec,
-                  carrier_alphabet=alphabet, progress=False)
+    finetune_many(
+        base,
+        [StudentJob(rows, s, tmp / f"batched{s}", teacher) for s in range(a.students)],
+        spec,
+        carrier_alphabet=alphabet,
+        progress=False,
+    )
     out["batched"] = time.perf_counter() - t
-    res = {"seconds": out, "speedup_vs_loop": {k: out["loop"] / v for k, v in out.items()},
-           "students": a.students, "steps": a.steps, "batch_size": a.batch_size, "rows": len(rows),
-           "threads": a.threads, "machine": platform.processor() or platform.machine(), "torch": torch.__version__}
+    res = {
+        "seconds": out,
+        "speedup_vs_loop": {k: out["loop"] / v for k, v in out.items()},
+        "students": a.students,
+        "steps": a.steps,
+        "batch_size": a.batch_size,
+        "rows": len(rows),
+        "threads": a.threads,
+        "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+    }
     print(json.dumps(res, indent=1))
     if a.json:
         a.json.write_text(json.dumps(res, indent=1))
