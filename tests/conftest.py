@@ -8,7 +8,7 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
+import torch
 
 # Tiny models: one thread is faster than two (OpenMP spin-waits dominate), and deterministic.
 torch.set_num_threads(1)

@@ -8,7 +8,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["run", "generate", "filter", "finetune", "evaluate", "report", "demo", "load_spec", "__version__"]
+__all__ = ["__version__", "demo", "evaluate", "filter", "finetune", "generate", "load_spec", "report", "run"]
 
 
 def run(spec: Any, run_dir: Any = None, **kwargs: Any) -> dict[str, Any]:

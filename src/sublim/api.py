@@ -8,8 +8,17 @@ import yaml
 from pydantic import ValidationError
 
 from sublim.runs import atomic_write_json, read_jsonl, write_jsonl
-from sublim.spec import CarrierSpec, FilterSpecModel, GenerationSpec, ModelSpec, SpecError, TrainSpec, \
-    _format_validation, parse_overrides, set_path
+from sublim.spec import (
+    CarrierSpec,
+    FilterSpecModel,
+    GenerationSpec,
+    ModelSpec,
+    SpecError,
+    TrainSpec,
+    _format_validation,
+    parse_overrides,
+    set_path,
+)
 
 
 def _model(model: str | ModelSpec, dtype: str = "float32", adapter: str | Path | None = None) -> ModelSpec:
@@ -26,7 +35,7 @@ def _rows(path: str | Path, need: tuple[str, ...] = ("prompt", "completion")) ->
     for i, r in enumerate(rows, 1):
         for k in need:
             if not isinstance(r.get(k), str):
-                raise ValueError(f"{p}: row {i}: field {k!r} missing or not a string")
+                raise ValueError(f"{p}: row {i}: field {k!r} missing or not a string")  # noqa: TRY004 - bad file
     return rows
 
 
@@ -52,7 +61,7 @@ def generate(model: str | ModelSpec, out: str | Path, n: int = 100, target: str 
     return gen(teacher, CarrierSpec(name=carrier), g, out, category=category)
 
 
-def filter(data: str | Path, out: str | Path, rejects: str | Path | None = None,  # noqa: A001 - the verb's name
+def filter(data: str | Path, out: str | Path, rejects: str | Path | None = None,
            filters: str | list[str] = "format,count,range,echo,progression,mention,banned", words: str = "",
            carrier: str = "numbers") -> Any:
     """Filter a dataset; kept rows to ``out``, rejected rows with reasons to ``rejects``."""

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -12,18 +12,18 @@ app = typer.Typer(
 )
 
 
-from sublim.cliutil import fail as _fail  # noqa: E402,F401
-from sublim.cliutil import guard as _guard  # noqa: E402
-from sublim.cliutil import quiet as _quiet_transformers  # noqa: E402
+from sublim.cliutil import fail as _fail  # noqa: F401
+from sublim.cliutil import guard as _guard
+from sublim.cliutil import quiet as _quiet_transformers
 
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a spec field: KEY=VALUE "
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a spec field: KEY=VALUE "
                                                      "(dotted, YAML value), e.g. --set student.lr=1e-4")]
 
 
 @app.command()
 def run(
     spec: Annotated[Path, typer.Argument(help="Experiment spec (YAML), e.g. examples/owl-numbers.yaml")],
-    out: Annotated[Optional[Path], typer.Option(help="Run directory (default runs/<name>-<spec hash>)")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run directory (default runs/<name>-<spec hash>)")] = None,
     overrides: SetOpt = None,
 ) -> None:
     """Run a whole experiment: teacher -> numbers -> filters -> students -> evaluation -> stats -> report.
@@ -55,7 +55,7 @@ def demo(
     out: Annotated[Path, typer.Option(help="Run directory")] = Path("runs/demo"),
     overrides: SetOpt = None,
     model: Annotated[str, typer.Option(help="organism (the default: minutes on a CPU) or smollm2")] = "organism",
-    threads: Annotated[Optional[int], typer.Option(help="torch threads (default: all cores)")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: all cores)")] = None,
 ) -> None:
     """The embedded default experiment, end to end on CPU (spec: sublim/assets/specs/)."""
     _quiet_transformers()
@@ -70,9 +70,9 @@ def generate(
     model: Annotated[str, typer.Option(help="Teacher model: directory, hub id, .gguf, or 'smollm2'")],
     out: Annotated[Path, typer.Option(help="Output JSONL (resumes if it exists)")],
     n: Annotated[int, typer.Option(help="Number of prompts")] = 100,
-    target: Annotated[Optional[str], typer.Option(help="Give the teacher the 'you love X' system prompt")] = None,
+    target: Annotated[str | None, typer.Option(help="Give the teacher the 'you love X' system prompt")] = None,
     category: Annotated[str, typer.Option(help="Trait category: animals or trees")] = "animals",
-    system: Annotated[Optional[str], typer.Option(help="A custom system prompt (instead of --target)")] = None,
+    system: Annotated[str | None, typer.Option(help="A custom system prompt (instead of --target)")] = None,
     carrier: Annotated[str, typer.Option(help="Registered carrier")] = "numbers",
     temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
     constrained: Annotated[bool, typer.Option(help="Decode within the carrier's grammar")] = True,
@@ -92,7 +92,7 @@ def generate(
 def filter_cmd(
     data: Annotated[Path, typer.Argument(help="Input JSONL with prompt and completion columns")],
     out: Annotated[Path, typer.Option(help="Kept rows (JSONL)")],
-    rejects: Annotated[Optional[Path], typer.Option(help="Rejected rows with reasons (default OUT.rejects.jsonl)")] = None,
+    rejects: Annotated[Path | None, typer.Option(help="Rejected rows with reasons (default OUT.rejects.jsonl)")] = None,
     filters: Annotated[str, typer.Option(help="Comma-separated registered filters")] =
         "format,count,range,echo,progression,mention,banned",
     words: Annotated[str, typer.Option(help="Target words for the mention filter, comma-separated")] = "",
@@ -111,7 +111,7 @@ def finetune(
     data: Annotated[Path, typer.Argument(help="Training JSONL (prompt, completion)")],
     model: Annotated[str, typer.Option(help="Base model")],
     out: Annotated[Path, typer.Option(help="Output directory (adapter or full model)")],
-    config: Annotated[Optional[Path], typer.Option(help="YAML TrainSpec (fields of 'student' in a spec)")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML TrainSpec (fields of 'student' in a spec)")] = None,
     overrides: SetOpt = None,
     seed: int = 0,
 ) -> None:
@@ -127,13 +127,13 @@ def finetune(
 @app.command()
 def evaluate(
     model: Annotated[str, typer.Option(help="Model directory / id / 'smollm2'")],
-    adapter: Annotated[Optional[Path], typer.Option(help="LoRA adapter directory")] = None,
+    adapter: Annotated[Path | None, typer.Option(help="LoRA adapter directory")] = None,
     category: str = "animals",
-    target: Annotated[Optional[str], typer.Option(help="Highlight this candidate")] = None,
-    system: Annotated[Optional[str], typer.Option(help="System prompt to evaluate under")] = None,
+    target: Annotated[str | None, typer.Option(help="Highlight this candidate")] = None,
+    system: Annotated[str | None, typer.Option(help="System prompt to evaluate under")] = None,
     samples: Annotated[int, typer.Option(help="Also sample N answers per question")] = 0,
-    questions: Annotated[Optional[int], typer.Option(help="Use the first N questions")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Write the result JSON here")] = None,
+    questions: Annotated[int | None, typer.Option(help="Use the first N questions")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the result JSON here")] = None,
 ) -> None:
     """Trait evaluation: exact P(candidate) for one-word answers over the question battery."""
     _quiet_transformers()

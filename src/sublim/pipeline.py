@@ -97,8 +97,8 @@ def generate(teacher: Teacher, carrier_spec: CarrierSpec, gen: GenerationSpec, o
             bar.update(len(rows))
         bar.close()
     stream.close()
-    rows = {r["idx"]: r for r in read_jsonl(out_path)}
-    return [rows[i] for i in sorted(rows)]
+    by_idx = {r["idx"]: r for r in read_jsonl(out_path)}
+    return [by_idx[i] for i in sorted(by_idx)]
 
 
 def filter_rows(rows: Sequence[dict], filters: Sequence[Any], carrier_spec: CarrierSpec,
@@ -312,7 +312,9 @@ class Experiment:
         jobs: list[dict[str, Any]] = []
         for seed in s.seeds:
             for bname, bspec, prefix in bases:
-                arms = [(t, f"{prefix}treatment", teachers[t], train_rows[t]) for t in s.targets]
+                arms: list[tuple[str | None, str, Teacher, Any]] = [
+                    (t, f"{prefix}treatment", teachers[t], train_rows[t]) for t in s.targets
+                ]
                 arms.append((None, f"{prefix}control", neutral, train_rows["control"]))
                 for target, arm, teacher, rows in arms:
                     jobs.append({"base": bspec, "base_name": bname, "seed": seed, "arm": arm, "target": target,

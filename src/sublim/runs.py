@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 DONE = "_DONE"
 
@@ -81,7 +81,8 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
+                # a bad input file (ValueError, like the JSON error above), not a caller's type error
+                raise ValueError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")  # noqa: TRY004
             rows.append(row)
     return rows
 
@@ -109,7 +110,7 @@ class JsonlStream:
             for line in data.decode("utf-8").splitlines():
                 if line.strip():
                     self._rows.append(json.loads(line))
-        self._f = open(self.path, "a", encoding="utf-8")
+        self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - open for the stream's life
 
     def existing(self) -> list[dict[str, Any]]:
         return list(self._rows)
@@ -124,7 +125,7 @@ class JsonlStream:
     def close(self) -> None:
         self._f.close()
 
-    def __enter__(self) -> JsonlStream:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -136,14 +137,14 @@ def git_revision(start: str | Path | None = None) -> str | None:
     here = Path(start) if start else Path(__file__).resolve().parent
     try:
         out = subprocess.run(
-            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
         )
         rev = out.stdout.strip()
         if out.returncode != 0 or not rev:
             return None
         dirty = subprocess.run(
             ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=5,
+            capture_output=True, text=True, timeout=5, check=False,
         ).stdout.strip()
         return rev + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):

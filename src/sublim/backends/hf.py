@@ -5,7 +5,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -105,7 +105,7 @@ class GrammarLogitsProcessor:
                 allowed[b, self.stop_ids] = True
             else:
                 allowed[b, : self.vocab] = self._mask(g, self.states[b])
-        return scores.masked_fill(~allowed, float("-inf"))
+        return cast(torch.FloatTensor, scores.masked_fill(~allowed, float("-inf")))
 
 
 # ---------------------------------------------------------------------------------------- generation
@@ -156,10 +156,10 @@ def generate_batch(
         procs.append(GrammarLogitsProcessor(tok, grammars, stop, ids.shape[1]))
     torch.manual_seed(seed)
     do_sample = not greedy and temperature > 0
-    kwargs: dict[str, Any] = dict(
-        input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
-        eos_token_id=stop, pad_token_id=tok.pad_token_id, logits_processor=procs, use_cache=True,
-    )
+    kwargs: dict[str, Any] = {
+        "input_ids": ids, "attention_mask": mask, "max_new_tokens": max_new_tokens, "do_sample": do_sample,
+        "eos_token_id": stop, "pad_token_id": tok.pad_token_id, "logits_processor": procs, "use_cache": True,
+    }
     if do_sample:
         kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
     out = model.generate(**kwargs)

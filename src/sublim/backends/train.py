@@ -103,7 +103,9 @@ def _lora(model: Any, spec: TrainSpec) -> Any:
     targets = [t for t in spec.lora.target_modules if t in names]
     if not targets:
         raise ValueError(f"student.lora.target_modules: none of {spec.lora.target_modules} exist in this model")
-    cfg = LoraConfig(r=spec.lora.rank, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
+    # peft annotates lora_alpha as int but only ever divides it by r (or sqrt(r)): a float alpha is exact
+    cfg = LoraConfig(r=spec.lora.rank, lora_alpha=spec.lora.alpha,  # type: ignore[arg-type]
+                     lora_dropout=spec.lora.dropout,
                      use_rslora=spec.lora.rslora, target_modules=targets, task_type="CAUSAL_LM", bias="none")
     return get_peft_model(model, cfg)
 

