@@ -35,6 +35,9 @@ import torch
 
 from sublim.toy import mnist as M
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_mnist import flops, matmul_peak  # the sibling benchmark: same FLOP count and GEMM peak
+
 BF = torch.bfloat16
 
 
@@ -84,11 +87,6 @@ def gemms(n: int, arms: int, b: int, d: int, h: int) -> dict[str, dict[str, floa
         ms = best_ms(fn)
         out[name] = {"ms": ms, "gflops": 2 * macs / ms / 1e6}
     return out
-
-
-def peak(n: int = 2048) -> float:
-    a, b = torch.randn(n, n).to(BF), torch.randn(n, n).to(BF)
-    return 2 * n**3 / best_ms(lambda: a @ b, 5) / 1e6
 
 
 def adam(n_models: int, sizes: list[int]) -> dict[str, float]:
@@ -153,14 +151,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": {"nproc": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()},
         "loadavg_start": os.getloadavg(),
     }
-    info["peak_bf16_gflops"] = peak()
+    info["peak_bf16_gflops"] = matmul_peak(BF)
     info["gemms"] = gemms(n, arms, b, d, h)
     info["adam_students"] = adam(n * arms, sizes)
     info["noise_ms_per_step"] = noise(n, b, d)
 
     # the lower bound for bench_mnist.py's workload (1 teacher epoch, 1 student epoch)
-    from bench_mnist import flops  # same directory
-
     cfg = M.MnistConfig(models=n, epochs=1, progress=False)
     gflop = flops(cfg, sizes, n_train)["total"] / 1e9
     per_model = sum(i * o_ + o_ for i, o_ in itertools.pairwise(sizes))
@@ -203,5 +199,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     main()
