@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import inspect
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -443,3 +444,33 @@ def test_cli_defaults_match_config_defaults() -> None:
     for name, p in inspect.signature(mnist).parameters.items():
         if name in fields:
             assert p.default == fields[name].default, name
+
+
+def test_auto_threads_measures_other_work_now(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Busy cores come from two /proc/stat snapshots; one thread when others keep half a core busy."""
+    stat = tmp_path / "stat"
+    snaps = iter(
+        [
+            "cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 1 2 3\n",  # total 1000, idle (+iowait) 850
+            "cpu  300 0 100 1500 100 0 0 0 0 0\ncpu0 1 2 3\n",  # +1000 total, +750 idle: 25% busy
+        ]
+    )
+
+    def read() -> tuple[int, int]:
+        stat.write_text(next(snaps))
+        return M._cpu_times(str(stat))
+
+    monkeypatch.setattr(M.os, "cpu_count", lambda: 2)
+    assert M.busy_cores(0.0, read) == pytest.approx(0.5)
+    assert M.auto_threads(busy=0.5) == 1
+    assert M.auto_threads(busy=0.1) == torch.get_num_threads()
+    # a counter that did not move, or no /proc/stat: None, and auto_threads falls back to the load average
+    assert M.busy_cores(0.0, lambda: (5, 5)) is None
+
+    def missing() -> tuple[int, int]:
+        return M._cpu_times(str(tmp_path / "absent"))
+
+    assert M.busy_cores(0.0, missing) is None
+    if Path("/proc/stat").exists():
+        measured = M.busy_cores(0.05)
+        assert measured is not None and 0.0 <= measured <= (os.cpu_count() or 1)

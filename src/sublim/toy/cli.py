@@ -78,7 +78,7 @@ def mnist(
     ] = "bf16",
     threads: Annotated[
         int | None,
-        typer.Option(help="torch threads (default: 1 if the machine is busy, else torch's default)"),
+        typer.Option(help="torch threads (default: 1 if other work keeps a core busy, else torch's default)"),
     ] = None,
     seed: Annotated[int, typer.Option(help="Model i uses seed + i for its init, data order and noise")] = 0,
     curve_points: Annotated[int, typer.Option(help="Checkpoints for the alignment curves")] = 10,
