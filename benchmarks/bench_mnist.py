@@ -228,9 +228,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             k: v / times["batched_bf16"] for k, v in times.items() if k != "batched_bf16"
         }
     info["machine"]["loadavg_end"] = os.getloadavg()
+    return emit(info, args.json)
+
+
+def emit(info: dict[str, Any], path: str | None) -> dict[str, Any]:
+    """Print the results as JSON and, with ``path``, also write them there."""
     print(json.dumps(info, indent=2), flush=True)
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
+    if path:
+        with open(path, "w", encoding="utf-8") as f:
             json.dump(info, f, indent=2)
     return info
 

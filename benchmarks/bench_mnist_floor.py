@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import os
 import sys
@@ -36,7 +35,7 @@ import torch
 from sublim.toy import mnist as M
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_mnist import flops, matmul_peak  # the sibling benchmark: same FLOP count and GEMM peak
+from bench_mnist import emit, flops, matmul_peak  # the sibling benchmark: same FLOP count, GEMM peak, output
 
 BF = torch.bfloat16
 
@@ -122,9 +121,11 @@ def adam(n_models: int, sizes: list[int]) -> dict[str, float]:
 
 
 def noise(n: int, b: int, d: int) -> float:
+    """One student step's noise, drawn as the trainer draws it."""
     gens = [torch.Generator().manual_seed(i) for i in range(n)]
     x = torch.empty(n, b, d)
-    return best_ms(lambda: [torch.rand((b, d), generator=g, out=x[k]) for k, g in enumerate(gens)])
+    cfg = M.MnistConfig(models=n)
+    return best_ms(lambda: M._noise_batch(gens, b, d, cfg, out=x))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -191,11 +192,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         info["left_for_everything_else_s"] = args.loop_seconds / 5 - floor["total_s"]
         info["left_with_shape_rates_s"] = args.loop_seconds / 5 - info["floor_with_shape_rates_s"]
     info["loadavg_end"] = os.getloadavg()
-    print(json.dumps(info, indent=2))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(info, f, indent=2)
-    return info
+    return emit(info, args.json)
 
 
 if __name__ == "__main__":
