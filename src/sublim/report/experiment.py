@@ -11,6 +11,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sublim.report.arms import (
+    ARM_ORDER,
+    METRIC_LABELS,
+    METRICS,
+    arm_label,
+    arms_in,
+    metric_value,
+    seed_values,
+)
 from sublim.report.html import Section, write_html
 from sublim.runs import atomic_write_json
 from sublim.stats import compare, wilson
@@ -31,77 +40,11 @@ __all__ = [
     "write_experiment_report",
 ]
 
-ARM_ORDER: tuple[str, ...] = (
-    "base", "teacher", "control", "treatment",
-    "cross_base_control", "cross_base_treatment", "in_context_control", "in_context",
-)
 DEFAULT_PAIRS: tuple[tuple[str, str], ...] = (
     ("treatment", "control"),
     ("cross_base_treatment", "cross_base_control"),
     ("in_context", "in_context_control"),
 )
-METRICS: tuple[str, ...] = ("probs", "probs_numprefix", "sampled")
-METRIC_LABELS: dict[str, str] = {
-    "probs": "exact P, averaged over questions",
-    "probs_numprefix": "exact P, number-prefixed questions",
-    "sampled": "share of sampled answers",
-}
-_ARM_LABELS = {
-    "cross_base_control": "cross-base control",
-    "cross_base_treatment": "cross-base treatment",
-    "in_context_control": "in-context control",
-    "in_context": "in-context",
-}
-
-
-def arm_label(arm: str) -> str:
-    return _ARM_LABELS.get(arm, arm)
-
-
-def arms_in(evaluations: Sequence[dict[str, Any]]) -> list[str]:
-    """Arms present, in the canonical order, unknown arms after them in order of appearance."""
-    seen = [str(e.get("arm")) for e in evaluations]
-    known = [a for a in ARM_ORDER if a in seen]
-    extra = list(dict.fromkeys(a for a in seen if a not in ARM_ORDER))
-    return known + extra
-
-
-def metric_value(ev: dict[str, Any], metric: str, candidate: str) -> float | None:
-    """One evaluation's value for ``candidate``: P(candidate) from ``ev[metric]``, or for
-    ``metric="sampled"`` the share of sampled answers naming it. None when absent."""
-    if metric == "sampled":
-        s = ev.get("sampled")
-        if not s or not s.get("n"):
-            return None
-        return float((s.get("counts") or {}).get(candidate, 0)) / float(s["n"])
-    d = ev.get(metric)
-    if not isinstance(d, dict) or d.get(candidate) is None:
-        return None
-    v = float(d[candidate])
-    return v if math.isfinite(v) else None
-
-
-def seed_values(
-    evaluations: Sequence[dict[str, Any]], arm: str, target: str, metric: str = "probs",
-    include_untargeted: bool = True,
-) -> list[tuple[Any, float]]:
-    """``[(seed, value)]`` for P(target) in ``arm``: evaluations with ``target == target`` (and,
-    with ``include_untargeted``, those with ``target`` null, e.g. control and base, which apply to
-    every target). Several evaluations of the same seed are averaged into one value."""
-    by_seed: dict[Any, list[float]] = {}
-    for i, ev in enumerate(evaluations):
-        if ev.get("arm") != arm:
-            continue
-        t = ev.get("target")
-        if not (t == target or (include_untargeted and t is None)):
-            continue
-        v = metric_value(ev, metric, target)
-        if v is None:
-            continue
-        seed = ev.get("seed")
-        key = ("seed", seed) if seed is not None else ("model", ev.get("name", i))
-        by_seed.setdefault(key, []).append(v)
-    return [(k[1], sum(vs) / len(vs)) for k, vs in by_seed.items()]
 
 
 def comparisons_from_evaluations(
@@ -270,8 +213,8 @@ def _with_comparisons(results: dict[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------- report
 
 
-def _headline(res: dict[str, Any]) -> Section:
-    sec = Section("Headline")
+def _headline(res: dict[str, Any], heading: str = "Headline") -> Section:
+    sec = Section(heading)
     comps = res.get("comparisons") or []
     for target in res.get("targets") or []:
         mine = [c for c in comps if c.get("target") == target]
@@ -392,7 +335,7 @@ def write_experiment_report(results: dict[str, Any], out_dir: str | Path) -> dic
     """Write ``results.json`` (atomic; comparisons computed from the evaluations if missing),
     ``fig_target.png``, ``fig_distribution.png`` and a self-contained ``report.html`` into
     ``out_dir``. Returns ``{"results", "fig_target", "fig_distribution", "report"}`` -> path."""
-    from sublim.report.figures import distribution_plot, target_bars
+    from sublim.report.figures import distribution_plot, target_bars  # lazy: matplotlib is slow to import
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -407,7 +350,10 @@ def write_experiment_report(results: dict[str, Any], out_dir: str | Path) -> dic
            f"targets: {', '.join(res.get('targets') or [])}",
            f"candidates: {len(res.get('candidates') or [])}",
            f"git {env['git_revision']}" if isinstance(env, dict) and env.get("git_revision") else ""]
-    sections = [_headline(res)]
+    from sublim.report.teacher_level import heatmap_figures, teacher_tables, verdict_section
+
+    verdict_sec = verdict_section(res)
+    sections = [verdict_sec] if verdict_sec else [_headline(res)]
     notes = [str(n) for n in res.get("notes") or []]
     if notes:
         caveats = Section("Caveats")
@@ -417,7 +363,14 @@ def write_experiment_report(results: dict[str, Any], out_dir: str | Path) -> dic
     figs = Section("Figures")
     figs.figure(paths["fig_target"], alt="P(target) per arm, mean across seeds with 95% intervals")
     figs.figure(paths["fig_distribution"], alt="distribution over candidates per arm")
-    sections += [figs, _comparison_table(res), _model_table(res), _data_section(res)]
+    for png, alt in heatmap_figures(res, out):
+        paths[png.stem] = png
+        figs.figure(png, alt=alt)
+    sections.append(figs)
+    if verdict_sec:  # the claim is the verdict; the per-comparison sentences are the student-level detail
+        sections += [s for s in (teacher_tables(res), _headline(res, "Comparisons one at a time (student level)"))
+                     if s is not None]
+    sections += [_comparison_table(res), _model_table(res), _data_section(res)]
     sections.append(Section("Resolved spec").pre(_dump(res.get("spec") or {})))
     sections.append(Section("Environment").pre(_dump(env)))
     subtitle = "; ".join(s for s in sub if s)

@@ -13,12 +13,13 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
-from sublim.report.experiment import METRIC_LABELS, arm_label, arms_in, metric_value, seed_values
+from sublim.report.arms import METRIC_LABELS, arm_label, arms_in, metric_value, seed_values
 from sublim.runs import atomic_write_bytes
 from sublim.stats import mean_ci
 
-__all__ = ["ARM_COLORS", "distribution_plot", "target_bars"]
+__all__ = ["ARM_COLORS", "distribution_plot", "specificity_heatmap", "target_bars"]
 
 ARM_COLORS: dict[str, str] = {
     "base": "#9e9e9e",
@@ -75,39 +76,50 @@ def target_bars(
         log = bool(pos.size and pos.size == allv.size and pos.max() / pos.min() > 100)
     floor = float(pos.min()) / 3 if pos.size else 1e-12
 
-    width = 0.8 / len(present)
-    fig = Figure(figsize=(max(6.0, 1.3 * len(targets) * max(1, len(present)) / 2.5 + 2), 4.2))
-    ax = fig.add_subplot(1, 1, 1)
+    # base and teachers on their own axis: a teacher's P(target) near 0.7 would flatten the students' effect
+    groups = [g for g in ([a for a in present if a in ("base", "teacher")],
+                          [a for a in present if a not in ("base", "teacher")]) if g]
+    fig = Figure(figsize=(max(6.0, 1.3 * len(targets) * max(1, len(present)) / 2.5 + 3), 4.2))
+    axes = fig.subplots(1, len(groups), squeeze=False,
+                        gridspec_kw={"width_ratios": [max(1, len(g)) for g in groups]})[0]
     rng = np.random.default_rng(0)  # deterministic jitter
-    labelled: set[str] = set()
-    for i, arm in enumerate(present):
-        for j, t in enumerate(targets):
-            vals = data[t][arm]
-            if not vals:
-                continue
-            x = j - 0.4 + width * (i + 0.5)
-            s = mean_ci(vals)
-            m = float(s["mean"])
-            ax.bar(x, max(m, floor) if log else m, width=width * 0.9, color=_color(arm, i),
-                   label=None if arm in labelled else arm_label(arm), alpha=0.85, zorder=2)
-            labelled.add(arm)
-            if s["lo"] is not None:
-                lo, hi = float(s["lo"]), float(s["hi"])
-                if log:
-                    lo = max(lo, floor)
-                ax.errorbar(x, max(m, floor) if log else m, yerr=[[max(0.0, m - lo)], [max(0.0, hi - m)]],
-                            fmt="none", ecolor="black", capsize=3, lw=1, zorder=3)
-            jitter = rng.uniform(-width * 0.25, width * 0.25, size=len(vals))
-            ys = np.maximum(np.asarray(vals), floor) if log else np.asarray(vals)
-            ax.scatter(x + jitter, ys, s=10, color="black", zorder=4, linewidths=0)
-    ax.set_xticks(range(len(targets)))
-    ax.set_xticklabels(targets)
-    if log:
-        ax.set_yscale("log")
-    ax.set_ylabel(f"P(target) [{METRIC_LABELS.get(metric, metric)}]")
-    ax.set_title("Target probability per arm: mean across seeds, 95% t-interval, dots = seeds", fontsize=10)
-    ax.grid(axis="y", alpha=0.3, zorder=0)
-    ax.legend(fontsize=8, frameon=False, bbox_to_anchor=(1.01, 1), loc="upper left")
+    offset = 0
+    for ax, group in zip(axes, groups, strict=True):
+        width = 0.8 / len(group)
+        for i, arm in enumerate(group):
+            for j, t in enumerate(targets):
+                vals = data[t][arm]
+                if not vals:
+                    continue
+                x = j - 0.4 + width * (i + 0.5)
+                s = mean_ci(vals)
+                m = float(s["mean"])
+                ax.bar(x, max(m, floor) if log else m, width=width * 0.9, color=_color(arm, offset + i),
+                       label=arm_label(arm), alpha=0.85, zorder=2)
+                if s["lo"] is not None:
+                    lo, hi = float(s["lo"]), float(s["hi"])
+                    if log:
+                        lo = max(lo, floor)
+                    ax.errorbar(x, max(m, floor) if log else m, yerr=[[max(0.0, m - lo)], [max(0.0, hi - m)]],
+                                fmt="none", ecolor="black", capsize=3, lw=1, zorder=3)
+                jitter = rng.uniform(-width * 0.25, width * 0.25, size=len(vals))
+                ys = np.maximum(np.asarray(vals), floor) if log else np.asarray(vals)
+                ax.scatter(x + jitter, ys, s=10, color="black", zorder=4, linewidths=0)
+        offset += len(group)
+        ax.set_xticks(range(len(targets)))
+        ax.set_xticklabels(targets)
+        if log:
+            ax.set_yscale("log")
+        ax.grid(axis="y", alpha=0.3, zorder=0)
+        handles, labels = ax.get_legend_handles_labels()
+        uniq = dict(zip(labels, handles, strict=True))
+        ax.legend(uniq.values(), uniq.keys(), fontsize=7, frameon=False, loc="upper left")
+    axes[0].set_ylabel(f"P(target) [{METRIC_LABELS.get(metric, metric)}]")
+    if len(groups) == 2:
+        axes[0].set_title("base, teachers", fontsize=9)
+        axes[1].set_title("students and in-context (own axis)", fontsize=9)
+    fig.suptitle("Target probability per arm: mean across students, 95% t-interval, dots = students "
+                 "(every teacher's)", fontsize=10)
     return _save(fig, path)
 
 
@@ -163,4 +175,50 @@ def distribution_plot(results: dict[str, Any], path: str | Path, metric: str = "
     fig.colorbar(im, ax=ax, fraction=0.04, label="share over candidates")
     ax.set_title(f"Distribution over candidates (%, mean across seeds; {METRIC_LABELS.get(metric, metric)}; "
                  "*target*)", fontsize=10)
+    return _save(fig, path)
+
+
+def specificity_heatmap(
+    matrix: Sequence[Sequence[float | None]] | np.ndarray,
+    row_labels: Sequence[str],
+    col_labels: Sequence[str],
+    path: str | Path,
+    title: str = "Mean log lift: rows = teacher's animal, columns = scored animal",
+) -> Path:
+    """K x K heatmap of mean log lifts (e.g. ``confusion_fit(...)["matrix"]``): diverging colormap
+    centred at 0 with symmetric limits, so the sign reads at a glance; the diagonal (a teacher's own
+    animal, the specific effect) is outlined; values are written in the cells when K <= 12.
+    None / nan cells are shown blank."""
+    mat = np.array([[np.nan if v is None else float(v) for v in row] for row in matrix], dtype=float)
+    if mat.ndim != 2 or mat.size == 0:  # (K_rows, K_cols)
+        return _empty(path, "no lifts to plot")
+    if mat.shape != (len(row_labels), len(col_labels)):
+        raise ValueError(f"specificity_heatmap: matrix {mat.shape} vs {len(row_labels)} row / "
+                         f"{len(col_labels)} column labels")
+    finite = mat[np.isfinite(mat)]
+    lim = max(1e-6, float(np.abs(finite).max())) if finite.size else 1.0
+    nr, nc = mat.shape
+    fig = Figure(figsize=(max(4.5, 0.62 * nc + 2.6), max(3.5, 0.5 * nr + 1.8)))
+    ax = fig.add_subplot(1, 1, 1)
+    im = ax.imshow(np.ma.masked_invalid(mat), cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="equal")
+    ax.set_xticks(range(nc))
+    ax.set_xticklabels(list(col_labels), rotation=45, ha="right")
+    ax.set_yticks(range(nr))
+    ax.set_yticklabels(list(row_labels))
+    ax.set_xlabel("scored animal")
+    ax.set_ylabel("teacher's animal")
+    col_index = {c: j for j, c in enumerate(col_labels)}
+    for i, r in enumerate(row_labels):
+        j = col_index.get(r)
+        if j is not None:
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", lw=2, zorder=3))
+    if max(nr, nc) <= 12:
+        for i in range(nr):
+            for j in range(nc):
+                v = mat[i, j]
+                if np.isfinite(v):
+                    ax.text(j, i, "0.00" if abs(v) < 0.005 else f"{v:+.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if abs(v) > 0.6 * lim else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="mean log lift (0 = control)")
+    ax.set_title(title, fontsize=10)
     return _save(fig, path)

@@ -1,0 +1,402 @@
+"""Teacher-level and specificity statistics for a teacher-replicated, multi-trait design.
+
+The unit of a population claim is the *teacher* (an independently implanted teacher model), with
+student seeds nested in it (DESIGN.md, "Science rules"): a teacher's students share its data, so
+they are not independent draws. Every interval here is across teachers; student seeds only enter
+through teacher means (and, for :func:`confusion_fit`, through teacher-clustered standard errors).
+"Specific" means a teacher's students gain *its* animal more than the other teachers' students do:
+the diagonal lift ``gamma`` of the confusion matrix, not one trait's ratio.
+
+Input records are plain dicts, one per student (or per in-context evaluation)::
+
+    {"teacher": "owl#0", "trait": "owl", "seed": 0, "scores": {"owl": 0.041, "wolf": 0.03, ...}}
+
+``teacher`` is a teacher replicate id, ``trait`` its animal (None for a neutral teacher, i.e. a
+control), ``seed`` the student seed nested in the teacher and ``scores`` P(animal) per candidate.
+Treated and control records of one arm are passed separately. P is floored at 1e-12 before the log.
+Each ``(teacher, seed)`` may occur once (average repeated evaluations of a student first).
+
+All returned dicts are strict JSON: plain floats / ints / lists / dicts, None where undefined.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy import stats as _st
+
+from sublim.stats import compare, mean_ci, permutation_test, welch
+
+__all__ = ["P_FLOOR", "confusion_fit", "lifts", "teacher_effect"]
+
+P_FLOOR = 1e-12  # P below this is clamped before the log, so a zero probability gives a finite lift
+Record = dict[str, Any]
+
+
+def _f(x: Any) -> float | None:
+    """A plain float, or None when ``x`` is None or not finite."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+@dataclass(frozen=True)
+class _Teacher:
+    """One teacher's students: ``logp[s, j]`` = log P_student s(animals[j])."""
+
+    id: str
+    trait: str | None
+    seeds: tuple[Any, ...]
+    logp: np.ndarray  # (n_seeds, n_animals)
+
+    @property
+    def mean(self) -> np.ndarray:
+        """Teacher-level value per animal: mean over its student seeds. (n_animals,)"""
+        return np.asarray(self.logp.mean(axis=0))
+
+
+def _logp(rec: Record, animal: str) -> float:
+    scores = rec.get("scores")
+    if not isinstance(scores, dict) or animal not in scores or scores[animal] is None:
+        raise ValueError(f"record teacher={rec.get('teacher')!r} seed={rec.get('seed')!r}: no score for "
+                         f"animal {animal!r} (unknown animal, or the student was not scored on it)")
+    p = float(scores[animal])
+    if not math.isfinite(p) or p < 0:
+        raise ValueError(f"record teacher={rec.get('teacher')!r} seed={rec.get('seed')!r}: P({animal}) = "
+                         f"{p!r} is not a finite probability")
+    return math.log(max(p, P_FLOOR))
+
+
+def _teachers(records: Sequence[Record], animals: Sequence[str], role: str) -> list[_Teacher]:
+    """Group records by teacher (order of first appearance) and check the role: treated records need
+    a trait, control records must have ``trait`` None; a teacher has one trait; no duplicate seeds."""
+    if not records:
+        raise ValueError(f"no {role} records" + (" (neutral-teacher students are the reference)"
+                                                 if role == "control" else ""))
+    rows: dict[str, list[Record]] = {}
+    traits: dict[str, str | None] = {}
+    for rec in records:
+        if "teacher" not in rec or rec["teacher"] is None:
+            raise ValueError(f"{role} record without a 'teacher' id: {rec!r}")
+        tid, trait = str(rec["teacher"]), rec.get("trait")
+        if role == "control" and trait is not None:
+            raise ValueError(f"control record of teacher {tid!r} has trait {trait!r}; controls are "
+                             "neutral teachers (trait None)")
+        if role == "treated" and trait is None:
+            raise ValueError(f"treated record of teacher {tid!r} has no trait; pass neutral teachers as "
+                             "controls")
+        if traits.setdefault(tid, trait) != trait:
+            raise ValueError(f"teacher {tid!r} has records with traits {traits[tid]!r} and {trait!r}")
+        rows.setdefault(tid, []).append(rec)
+    out = []
+    for tid, recs in rows.items():
+        seeds = tuple(r.get("seed") for r in recs)
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"teacher {tid!r}: student seed repeated in {list(seeds)}; average repeated "
+                             "evaluations of one student before calling")
+        logp = np.array([[_logp(r, a) for a in animals] for r in recs], dtype=float)  # (n_seeds, n_animals)
+        out.append(_Teacher(tid, traits[tid], seeds, logp.reshape(len(recs), len(animals))))
+    return out
+
+
+def _check_disjoint(treated: Sequence[_Teacher], controls: Sequence[_Teacher]) -> None:
+    both = {t.id for t in treated} & {t.id for t in controls}
+    if both:
+        raise ValueError(f"teacher ids in both treated and controls: {sorted(both)}")
+
+
+def _reference(controls: Sequence[_Teacher]) -> np.ndarray:
+    """Mean over neutral teachers of each teacher's mean log P (teacher-level first). (n_animals,)"""
+    return np.asarray(np.mean([t.mean for t in controls], axis=0))
+
+
+def lifts(treated: Sequence[Record], controls: Sequence[Record], animals: Sequence[str]) -> dict[str, Any]:
+    """Per treated student and animal: lift = log P_student(animal) - reference(animal).
+
+    reference(animal) = mean over neutral teachers of (mean over that teacher's seeds of log P), so a
+    neutral teacher with more seeds does not weigh more. Returns ``{"reference": {animal: float},
+    "records": [{"teacher", "trait", "seed", "lift": {animal: float}}]}`` (records in input order).
+    """
+    animals = list(animals)
+    tt = _teachers(treated, animals, "treated")
+    ct = _teachers(controls, animals, "control")
+    _check_disjoint(tt, ct)
+    ref = _reference(ct)
+    out = []
+    for rec in treated:
+        lp = np.array([_logp(rec, a) for a in animals]) - ref  # (n_animals,)
+        out.append({"teacher": str(rec["teacher"]), "trait": rec.get("trait"), "seed": rec.get("seed"),
+                    "lift": {a: float(v) for a, v in zip(animals, lp, strict=True)}})
+    return {"reference": {a: float(v) for a, v in zip(animals, ref, strict=True)}, "records": out}
+
+
+def _level(teachers: Sequence[_Teacher], j: int, conf: float) -> dict[str, Any]:
+    """Nested summary of one group at animal column ``j``: teacher values and both levels' spread."""
+    vals = np.array([t.mean[j] for t in teachers])  # (n_teachers,)
+    ss_within = sum(float(((t.logp[:, j] - t.mean[j]) ** 2).sum()) for t in teachers)
+    df_within = sum(t.logp.shape[0] - 1 for t in teachers)
+    return {
+        "n_teachers": len(teachers),
+        "n_seeds": int(sum(t.logp.shape[0] for t in teachers)),
+        "mean": float(vals.mean()),
+        "mean_ci": mean_ci(vals, conf),
+        "sd_between": _f(vals.std(ddof=1)) if vals.size > 1 else None,
+        "sd_within": _f(math.sqrt(ss_within / df_within)) if df_within > 0 else None,
+        "teachers": [{"teacher": t.id, "value": float(t.mean[j]), "geo_mean_p": float(math.exp(t.mean[j])),
+                      "n_seeds": int(t.logp.shape[0])} for t in teachers],
+    }
+
+
+def teacher_effect(
+    treated: Sequence[Record], controls: Sequence[Record], animal: str, trait: str | None = None,
+    conf: float = 0.95,
+) -> dict[str, Any]:
+    """Does teaching ``trait`` (default ``animal``) raise log P(animal)? The teacher is the unit.
+
+    Each teacher's value is the mean over its student seeds of log P(animal). Keys: ``animal``,
+    ``trait``, ``conf``; ``diff`` (mean over trait teachers - mean over neutral teachers),
+    ``diff_ci`` (Welch t across teachers; None with < 2 teachers in a group), ``p_welch``, ``df``;
+    ``ratio`` = exp(diff) (ratio of geometric-mean P) and ``ratio_ci``; ``p_perm`` (two-sided) and
+    ``p_perm_greater``: permutation of teacher labels (exact up to 100,000 relabelings);
+    ``treated`` / ``control``: ``{"n_teachers", "n_seeds", "mean", "mean_ci", "sd_between" (sd of
+    teacher values), "sd_within" (pooled within-teacher seed sd), "teachers": [{"teacher", "value",
+    "geo_mean_p", "n_seeds"}]}``; ``sd_within`` pooled over both groups; ``student_level``:
+    ``{"note", "stats"}`` with :func:`sublim.stats.compare` on per-student P(animal), which treats
+    seeds as independent and so ignores the teacher level (shown only for contrast).
+    """
+    trait = animal if trait is None else trait
+    present = {r.get("trait") for r in treated}
+    if None in present:
+        raise ValueError("treated record without a trait; pass neutral teachers as controls")
+    if trait not in present:
+        raise ValueError(f"no treated teacher with trait {trait!r} (traits present: "
+                         f"{sorted(str(t) for t in present)})")
+    mine = _teachers([r for r in treated if r.get("trait") == trait], [animal], "treated")
+    ct = _teachers(controls, [animal], "control")
+    _check_disjoint(mine, ct)
+    tv = np.array([t.mean[0] for t in mine])  # (n_trait_teachers,)
+    cv = np.array([t.mean[0] for t in ct])  # (n_neutral_teachers,)
+    w = welch(tv, cv, conf)
+    lo, hi = _f(w["lo"]), _f(w["hi"])
+    ss = sum(float(((t.logp[:, 0] - t.mean[0]) ** 2).sum()) for t in [*mine, *ct])
+    dfw = sum(t.logp.shape[0] - 1 for t in [*mine, *ct])
+    s_t = np.exp(np.concatenate([t.logp[:, 0] for t in mine]))  # (n_trait_students,) floored P
+    s_c = np.exp(np.concatenate([t.logp[:, 0] for t in ct]))  # (n_neutral_students,)
+    return {
+        "animal": animal,
+        "trait": trait,
+        "conf": float(conf),
+        "diff": _f(w["diff"]),
+        "diff_ci": [lo, hi],
+        "p_welch": _f(w["p"]),
+        "df": _f(w["df"]),
+        "ratio": _f(math.exp(w["diff"])),
+        "ratio_ci": [None if lo is None else _f(math.exp(lo)), None if hi is None else _f(math.exp(hi))],
+        "p_perm": _f(permutation_test(tv, cv)),
+        "p_perm_greater": _f(permutation_test(tv, cv, alternative="greater")),
+        "treated": _level(mine, 0, conf),
+        "control": _level(ct, 0, conf),
+        "sd_within": _f(math.sqrt(ss / dfw)) if dfw > 0 else None,
+        "student_level": {
+            "note": "student seeds treated as independent: ignores the teacher level, for contrast only",
+            "stats": compare(s_t, s_c, conf=conf),
+        },
+    }
+
+
+# ------------------------------------------------------------------------------ confusion matrix
+
+
+def _cell_design(k: int) -> np.ndarray:
+    """Design of the K x K cells (row-major, cell = r * K + c) with sum-to-zero effects coding:
+    [1, row effects 0..K-2, column effects 0..K-2, diagonal]; the last level is minus the sum. (K^2, 2K)"""
+    x = np.zeros((k * k, 2 * k))
+    for r in range(k):
+        for c in range(k):
+            i = r * k + c
+            x[i, 0] = 1.0
+            if r < k - 1:
+                x[i, 1 + r] = 1.0
+            else:
+                x[i, 1:k] = -1.0
+            if c < k - 1:
+                x[i, k + c] = 1.0
+            else:
+                x[i, k:2 * k - 1] = -1.0
+            x[i, 2 * k - 1] = float(r == c)
+    return x
+
+
+def _fit_gamma(rows: np.ndarray, n: np.ndarray, y: np.ndarray, xc: np.ndarray, k: int) -> np.ndarray:
+    """Student-level OLS coefficients for a batch of row assignments, from teacher means only.
+
+    Every student of teacher g has the same design row in column c, so the student-level normal
+    equations reduce exactly to cell sums: X'X = sum_cells W_r x x', X'y = sum_cells S_rc x with
+    W_r = seeds of teachers in row r and S_rc = sum over those teachers of n_g * ybar_gc.
+    rows (B, G) int, n (G,) seeds, y (G, K) teacher-mean lifts -> (B, 2K) coefficients.
+    """
+    b, g = rows.shape
+    onehot = np.zeros((b, k, g))  # (B, K, G): 1 where teacher g is in row r
+    np.put_along_axis(onehot, rows[:, None, :], 1.0, axis=1)
+    w_row = onehot @ n  # (B, K)
+    s = onehot @ (n[:, None] * y)  # (B, K, K)
+    xx = np.einsum("ci,cj->cij", xc, xc).reshape(k * k, -1)  # (K^2, p^2)
+    w_cell = np.repeat(w_row, k, axis=1)  # (B, K^2): cell r*K+c has weight W_r
+    p = xc.shape[1]
+    xtx = (w_cell @ xx).reshape(b, p, p)  # (B, p, p)
+    xty = s.reshape(b, k * k) @ xc  # (B, p)
+    return np.asarray(np.linalg.solve(xtx, xty[:, :, None])[:, :, 0])
+
+
+def _assignments(rows: np.ndarray, k: int) -> Iterator[np.ndarray]:
+    """Every distinct relabeling of teachers to rows with the observed number of teachers per row."""
+    counts = np.bincount(rows, minlength=k)
+    g = rows.size
+
+    def rec(free: tuple[int, ...], r: int, cur: np.ndarray) -> Iterator[np.ndarray]:
+        if r == k:
+            yield cur.copy()
+            return
+        for combo in itertools.combinations(free, int(counts[r])):
+            cur[list(combo)] = r
+            rest = tuple(i for i in free if i not in combo)
+            yield from rec(rest, r + 1, cur)
+
+    yield from rec(tuple(range(g)), 0, np.zeros(g, dtype=np.int64))
+
+
+def confusion_fit(
+    treated: Sequence[Record], controls: Sequence[Record], animals: Sequence[str], conf: float = 0.95,
+    n_perm: int = 10_000, seed: int = 0,
+) -> dict[str, Any]:
+    """The confusion-matrix test of specificity (rain-1's subliminal-learning scaling design).
+
+    Rows: the animals in ``animals`` that have trait teachers (K >= 2, in ``animals`` order); columns:
+    the same animals. Every treated student is scored on every column; observation = its lift
+    (see :func:`lifts`). OLS ``lift = mu + row_r + col_c + gamma * [r == c]`` (sum-to-zero effects)
+    with teacher-clustered CR1 errors, ``V = B^-1 M B^-1 * G/(G-1) * (N-1)/(N-p)``, and a t interval
+    for gamma on G-1 df. Permutation test: trait labels shuffled among trait teachers (a teacher's
+    students move together, teachers per animal kept), gamma refit; exact enumeration when there are
+    at most ``n_perm`` distinct relabelings, else ``(k+1)/(n_perm+1)`` from ``n_perm`` seeded draws.
+
+    Keys: ``animals`` (row = column labels), ``dropped_animals`` (in ``animals``, no trait teacher),
+    ``n_teachers``, ``n_teachers_per_animal``, ``n_students``, ``n_obs``, ``n_params``, ``conf``,
+    ``reference`` ({animal: mean neutral log P}), ``matrix`` (K x K mean lifts, row = teacher's animal,
+    col = scored animal, mean over teachers of teacher means), ``gamma``, ``gamma_se``, ``gamma_ci``,
+    ``gamma_df``, ``p_gamma_t`` (two-sided, cluster t), ``mu``, ``row_effects``, ``col_effects``
+    ({animal: float}), ``p_perm_greater``, ``p_perm`` (two-sided, |gamma|), ``perm_method`` ("exact" |
+    "monte_carlo"), ``n_perm`` (relabelings used), ``diagonal`` (per animal a: {"animal",
+    "own_mean", "other_mean", "diff", "ci", "p_welch", "n_own_teachers", "n_other_teachers"}: the
+    teacher-mean lift of a for a's teachers vs the other animals' teachers, Welch across teachers),
+    ``n_diagonal_above_zero`` (intervals with lower end > 0), ``n_diagonal_defined``.
+    """
+    animals = list(animals)
+    if len(set(animals)) != len(animals):
+        raise ValueError(f"animals repeated: {animals}")
+    traits = {r.get("trait") for r in treated}
+    unknown = sorted(str(t) for t in traits if t is not None and t not in animals)
+    if unknown:
+        raise ValueError(f"treated traits not in animals: {unknown}")
+    rows_animals = [a for a in animals if a in traits]
+    k = len(rows_animals)
+    if k < 2:
+        raise ValueError(f"confusion_fit needs trait teachers of >= 2 animals, got {rows_animals}")
+    tt = _teachers(treated, rows_animals, "treated")
+    ct = _teachers(controls, rows_animals, "control")
+    _check_disjoint(tt, ct)
+    ref = _reference(ct)  # (K,)
+    g = len(tt)
+    rows = np.array([rows_animals.index(str(t.trait)) for t in tt], dtype=np.int64)  # (G,)
+    n = np.array([t.logp.shape[0] for t in tt], dtype=float)  # (G,) seeds per teacher
+    y = np.array([t.mean for t in tt]) - ref  # (G, K) teacher-mean lifts
+    xc = _cell_design(k)  # (K^2, p)
+    p = xc.shape[1]
+    n_obs = int(n.sum()) * k
+
+    beta = _fit_gamma(rows[None, :], n, y, xc, k)[0]  # (p,)
+    gamma = float(beta[-1])
+    # CR1: teacher g's score X_g'u_g = sum_c x_{r_g c} * n_g * (ybar_gc - fitted_{r_g c})
+    fitted = (xc @ beta).reshape(k, k)  # (K, K)
+    xg = xc.reshape(k, k, p)[rows]  # (G, K, p): design rows of teacher g's cells
+    scores = np.einsum("gcp,gc->gp", xg, n[:, None] * (y - fitted[rows]))  # (G, p)
+    bread = np.einsum("gcp,gcq,g->pq", xg, xg, n)  # (p, p) = X'X at student level
+    se: float | None = None
+    ci: list[float | None] = [None, None]
+    p_t: float | None = None
+    if g >= 2 and n_obs > p:
+        binv = np.linalg.inv(bread)
+        v = binv @ (scores.T @ scores) @ binv * (g / (g - 1)) * ((n_obs - 1) / (n_obs - p))
+        se = _f(math.sqrt(max(float(v[-1, -1]), 0.0)))
+        if se is not None:
+            half = float(_st.t.ppf(0.5 + conf / 2, g - 1)) * se
+            ci = [_f(gamma - half), _f(gamma + half)]
+            p_t = _f(2 * _st.t.sf(abs(gamma) / se, g - 1)) if se > 0 else (1.0 if gamma == 0 else None)
+
+    # permutation test over teacher labels
+    counts = np.bincount(rows, minlength=k)
+    n_distinct = math.factorial(g) // math.prod(math.factorial(int(c)) for c in counts)
+    tol = 1e-9 * max(1.0, abs(gamma))
+    ge = two = 0
+    if n_distinct <= n_perm:
+        method, used = "exact", n_distinct
+        perms = np.array(list(_assignments(rows, k)))  # (n_distinct, G)
+        chunks: Iterator[np.ndarray] = iter(np.array_split(perms, max(1, math.ceil(len(perms) / 2000))))
+    else:
+        method, used = "monte_carlo", int(n_perm)
+        rng = np.random.default_rng(seed)
+        sizes = [min(2000, n_perm - i) for i in range(0, n_perm, 2000)]
+        chunks = (rng.permuted(np.broadcast_to(rows, (m, g)), axis=1) for m in sizes)
+    for chunk in chunks:
+        gp = _fit_gamma(chunk, n, y, xc, k)[:, -1]  # (B,)
+        ge += int((gp >= gamma - tol).sum())
+        two += int((np.abs(gp) >= abs(gamma) - tol).sum())
+    if method == "exact":
+        p_greater, p_two = ge / used, two / used
+    else:
+        p_greater, p_two = (ge + 1) / (used + 1), (two + 1) / (used + 1)
+
+    # K x K matrix of mean lifts and per-animal diagonal effects, teacher as the unit
+    matrix = np.array([y[rows == r].mean(axis=0) for r in range(k)])  # (K, K)
+    diagonal: list[dict[str, Any]] = []
+    for r, a in enumerate(rows_animals):
+        own, other = y[rows == r, r], y[rows != r, r]  # teacher-mean lifts of a
+        w = welch(own, other, conf)
+        diagonal.append({
+            "animal": a, "own_mean": float(own.mean()), "other_mean": float(other.mean()),
+            "diff": _f(w["diff"]), "ci": [_f(w["lo"]), _f(w["hi"])], "p_welch": _f(w["p"]),
+            "n_own_teachers": int(own.size), "n_other_teachers": int(other.size),
+        })
+    row_eff = np.append(beta[1:k], -beta[1:k].sum())  # (K,)
+    col_eff = np.append(beta[k:2 * k - 1], -beta[k:2 * k - 1].sum())  # (K,)
+    return {
+        "animals": rows_animals,
+        "dropped_animals": [a for a in animals if a not in rows_animals],
+        "n_teachers": g,
+        "n_teachers_per_animal": {a: int(c) for a, c in zip(rows_animals, counts, strict=True)},
+        "n_students": int(n.sum()),
+        "n_obs": n_obs,
+        "n_params": p,
+        "conf": float(conf),
+        "reference": {a: float(v) for a, v in zip(rows_animals, ref, strict=True)},
+        "matrix": [[float(v) for v in row] for row in matrix],
+        "gamma": gamma,
+        "gamma_se": se,
+        "gamma_ci": ci,
+        "gamma_df": g - 1,
+        "p_gamma_t": p_t,
+        "mu": float(beta[0]),
+        "row_effects": {a: float(v) for a, v in zip(rows_animals, row_eff, strict=True)},
+        "col_effects": {a: float(v) for a, v in zip(rows_animals, col_eff, strict=True)},
+        "p_perm_greater": float(p_greater),
+        "p_perm": float(p_two),
+        "perm_method": method,
+        "n_perm": used,
+        "diagonal": diagonal,
+        "n_diagonal_above_zero": sum(1 for d in diagonal if d["ci"][0] is not None and d["ci"][0] > 0),
+        "n_diagonal_defined": sum(1 for d in diagonal if d["ci"][0] is not None),
+    }
