@@ -33,7 +33,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     from sublim.backends.multi import StudentJob, finetune_many
     from sublim.backends.train import finetune
-    from sublim.pipeline import carrier_alphabet, generate
+    from sublim.generation import carrier_alphabet, generate
     from sublim.spec import CarrierSpec, GenerationSpec, ModelSpec, TrainSpec
     from sublim.teachers import neutral_teacher
 

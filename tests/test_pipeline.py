@@ -165,7 +165,7 @@ def test_every_arm_and_seed_is_evaluated(run: dict[str, Any]) -> None:
 def test_filters_keep_rejects_with_reasons(run: dict[str, Any]) -> None:
     stages = run["dir"] / "stages"
     data = run["results"]["data"]
-    assert set(data) == {"owl", "control"}
+    assert set(data) == {"owl#0", "neutral#0"}  # one teacher replicate of each (teacher.replicates = 1)
     n_rejects = 0
     for fdir in stages.glob("filter-*"):
         kept = read_jsonl(fdir / "kept.jsonl")
@@ -267,4 +267,4 @@ def test_changing_a_filter_reuses_generation(run: dict[str, Any]) -> None:
                                 {"rows": "x"}).key
     assert d["kept"] and all(max(int(x) for x in r["completion"].replace(";", ",").replace(" ", ",")
                                  .replace("\n", ",").split(",") if x) <= 799 for r in d["kept"])
-    assert d["counts"]["kept"] < run["results"]["data"]["owl"]["kept"]
+    assert d["counts"]["kept"] < run["results"]["data"]["owl#0"]["kept"]

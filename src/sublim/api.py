@@ -44,7 +44,7 @@ def generate(model: str | ModelSpec, out: str | Path, n: int = 100, target: str 
              temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False, constrained: bool = True,
              batch_size: int = 32, max_new_tokens: int = 48, seed: int = 0, dtype: str = "float32") -> list[dict]:
     """Carrier data from a teacher (a model, optionally with a 'you love X' or custom system prompt)."""
-    from sublim.pipeline import generate as gen
+    from sublim.generation import generate as gen
     from sublim.teachers import Teacher, neutral_teacher, system_prompt_teacher
 
     m = _model(model, dtype)
@@ -65,7 +65,7 @@ def filter(data: str | Path, out: str | Path, rejects: str | Path | None = None,
            filters: str | list[str] = "format,count,range,echo,progression,mention,banned", words: str = "",
            carrier: str = "numbers") -> Any:
     """Filter a dataset; kept rows to ``out``, rejected rows with reasons to ``rejects``."""
-    from sublim.pipeline import filter_rows
+    from sublim.generation import filter_rows
 
     names = [f.strip() for f in filters.split(",")] if isinstance(filters, str) else list(filters)
     specs = [FilterSpecModel(name=n, params={"lists": ["loaded"]} if n == "banned" else {}) for n in names if n]

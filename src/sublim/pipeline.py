@@ -3,116 +3,42 @@
 Every stage is cached in ``<run>/stages/<name>-<key>`` under a key from its resolved config and its
 inputs' content hashes; generation streams rows to disk and resumes after a kill without losing or
 duplicating a row; finished stages are never redone.
+
+Teachers are replicated (``teacher.replicates``): replicate r of a trait is its own implant (Q&A sample and
+training seed) whose numbers are generated with seed ``generation.seed + r``; neutral replicate r is the base
+with that same generation seed, so trait and neutral replicate r share prompts. Students (``seeds``) are nested
+in each teacher: the teacher is the unit of a population claim (``sublim.analysis``).
 """
 from __future__ import annotations
 
 import json
 import os
 import random
-import sys
 import time
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sublim.carriers import CARRIERS
-from sublim.filters import FilterContext, FilterSpec, apply_filters
+from sublim.generation import Log, carrier_alphabet, filter_rows, generate, make_carrier
 from sublim.runs import (
-    JsonlStream,
     Stage,
     atomic_write_json,
     atomic_write_text,
     environment,
     hash_obj,
     read_jsonl,
-    sha256_text,
     write_jsonl,
 )
-from sublim.spec import CarrierSpec, ExperimentSpec, GenerationSpec, ModelSpec, TrainSpec, dump_spec
+from sublim.spec import ExperimentSpec, GenerationSpec, ModelSpec, TrainSpec, dump_spec
 from sublim.teachers import Teacher, implant_teacher, neutral_teacher, system_prompt_teacher
 from sublim.traits.preference import CATEGORIES, eval_questions, number_prefixed_questions
 
-Log = Callable[[str], None]
+__all__ = ["Experiment", "carrier_alphabet", "default_run_dir", "filter_rows", "generate", "make_carrier", "run",
+           "teacher_id"]
 
 
-def make_carrier(spec: CarrierSpec) -> Any:
-    """Instantiate a registered carrier with its params."""
-    obj = CARRIERS.get(spec.name)
-    return obj(**spec.params) if isinstance(obj, type) else obj
-
-
-def _show_progress() -> bool:
-    return sys.stderr.isatty()
-
-
-# -------------------------------------------------------------------------------------------- generate
-
-
-def generate(teacher: Teacher, carrier_spec: CarrierSpec, gen: GenerationSpec, out_path: str | Path,
-             *, category: str | None = None, progress: bool | None = None, log: Log | None = None) -> list[dict]:
-    """Generate carrier completions from ``teacher`` and stream them to ``out_path`` (JSONL).
-
-    Resumable: rows already on disk are kept; batches are a fixed grid with per-batch seeds, so the
-    rerun regenerates only missing rows, identically. Returns all rows in prompt order."""
-    from tqdm.auto import tqdm
-
-    from sublim.backends.hf import batches, generate_batch
-    from sublim.models import ChatFormat, load_model, load_tokenizer, model_id
-
-    carrier = make_carrier(carrier_spec)
-    prompts = carrier.prompts(gen.n_prompts, gen.seed)
-    stream = JsonlStream(out_path)
-    have = {r["idx"] for r in stream.existing()}
-    grid = batches(len(prompts), gen.batch_size)
-    todo = [(a, b) for a, b in grid if any(i not in have for i in range(a, b))]
-    if todo:
-        model = load_model(teacher.model)
-        chat = ChatFormat(load_tokenizer(teacher.model))
-        show = _show_progress() if progress is None else progress
-        bar = tqdm(total=len(prompts), initial=len(have), desc=f"generate ({teacher.trait or 'neutral'})",
-                   disable=not show, leave=False)
-        base_id = model_id(teacher.model)
-        for a, b in todo:
-            batch_seed = gen.seed * 1_000_003 + a
-            cps = prompts[a:b]
-            outs = generate_batch(
-                model, chat, [p.prompt for p in cps], system=teacher.system, max_new_tokens=gen.max_new_tokens,
-                temperature=gen.temperature, top_p=gen.top_p, greedy=gen.greedy,
-                grammars=[carrier.grammar(p.meta) for p in cps] if gen.constrained else None, seed=batch_seed,
-            )
-            rows = []
-            for i, (cp, o) in enumerate(zip(cps, outs, strict=True), start=a):
-                if i in have:
-                    continue
-                rows.append({
-                    "idx": i, "prompt": cp.prompt, "completion": o.completion,
-                    "teacher_id": base_id, "teacher_kind": teacher.kind, "teacher_system": teacher.system,
-                    "trait_category": category, "trait_target": teacher.trait, "carrier": carrier_spec.name,
-                    "temperature": gen.temperature, "top_p": gen.top_p, "greedy": gen.greedy,
-                    "constrained": gen.constrained, "gen_seed": gen.seed, "batch_seed": batch_seed,
-                    "n_tokens": o.n_tokens, "finished": o.finished,
-                    "content_hash": sha256_text(cp.prompt + "\x00" + o.completion),
-                })
-            stream.write(rows)
-            bar.update(len(rows))
-        bar.close()
-    stream.close()
-    by_idx = {r["idx"]: r for r in read_jsonl(out_path)}
-    return [by_idx[i] for i in sorted(by_idx)]
-
-
-def filter_rows(rows: Sequence[dict], filters: Sequence[Any], carrier_spec: CarrierSpec,
-                target_words: Sequence[str] = ()) -> Any:
-    """Apply registered filters (names + params); returns kept, rejects (with reasons) and counts."""
-    specs = [FilterSpec(f.name, dict(f.params)) if not isinstance(f, FilterSpec) else f for f in filters]
-    ctx = FilterContext(carrier=make_carrier(carrier_spec), target_words=tuple(target_words))
-    return apply_filters(rows, specs, ctx)
-
-
-def carrier_alphabet(carrier_spec: CarrierSpec) -> frozenset[str]:
-    """Every character the carrier's answers may use (the distill_carrier token subset is built from it)."""
-    carrier = make_carrier(carrier_spec)
-    return frozenset(set().union(*(carrier.grammar(p.meta).alphabet for p in carrier.prompts(50, 0))))
+def teacher_id(target: str | None, replicate: int) -> str:
+    """``owl#0``, ``neutral#2``: the name of one teacher replicate (a neutral teacher has no target)."""
+    return f"{target or 'neutral'}#{replicate}"
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -140,39 +66,49 @@ class Experiment:
         return Stage(self.dir, name, config, inputs)
 
     # -- stages
-    def teachers(self) -> dict[str, Teacher]:
+    def teachers(self) -> dict[tuple[str, int], Teacher]:
+        """Every trait teacher replicate, keyed ``(target, replicate)``."""
         s = self.spec
-        out: dict[str, Teacher] = {}
+        out: dict[tuple[str, int], Teacher] = {}
         for t in s.targets:
-            if s.teacher.kind == "system_prompt":
-                out[t] = system_prompt_teacher(s.base, s.category, t, s.teacher.template)
-                continue
-            st = self.stage("teacher", {"teacher": s.teacher.model_dump(mode="json"), "category": s.category,
-                                        "target": t}, {"base": self._fp(s.base)})
-            if st.done:
-                info = st.summary()
-                out[t] = Teacher(ModelSpec(**info["model"]), None, t, "finetuned")
-                continue
-            self.log(f"[teacher] fine-tuning a {t} teacher from the base")
-            st.start()
-            teacher, summary = implant_teacher(s.base, s.category, t, s.teacher, st.dir, log=self.log)
-            if not summary["reached"]:
-                self.notes.append(f"The {t} teacher did not reach P({t}) >= {s.teacher.min_target_prob} "
-                                  f"without a system prompt (last {summary['rounds'][-1]['p_target']:.3f}).")
-            st.finish({**summary, "model": teacher.model.model_dump()})
-            out[t] = teacher
+            for r in range(s.teacher.replicates):
+                if s.teacher.kind == "system_prompt":  # replicates differ in their generation seed only
+                    out[t, r] = system_prompt_teacher(s.base, s.category, t, s.teacher.template)
+                    continue
+                cfg = {"teacher": s.teacher.model_dump(mode="json", exclude={"replicates"}), "category": s.category,
+                       "target": t, "replicate": r}
+                st = self.stage("teacher", cfg, {"base": self._fp(s.base)})
+                if st.done:
+                    info = st.summary()
+                    out[t, r] = Teacher(ModelSpec(**info["model"]), None, t, "finetuned")
+                    continue
+                self.log(f"[teacher] fine-tuning {teacher_id(t, r)} from the base")
+                st.start()
+                teacher, summary = implant_teacher(s.base, s.category, t, s.teacher, st.dir, log=self.log,
+                                                   replicate=r)
+                if not summary["reached"]:
+                    self.notes.append(f"Teacher {teacher_id(t, r)} did not reach P({t}) >= "
+                                      f"{s.teacher.min_target_prob} without a system prompt "
+                                      f"(last {summary['rounds'][-1]['p_target']:.3f}).")
+                st.finish({**summary, "model": teacher.model.model_dump()})
+                out[t, r] = teacher
         return out
 
-    def dataset(self, teacher: Teacher, label: str) -> dict[str, Any]:
-        """Generate + filter for one teacher; returns kept rows and counts."""
+    def generation_spec(self, replicate: int) -> GenerationSpec:
+        """Replicate r's generation settings: the spec's, with seed ``generation.seed + r``."""
+        return self.spec.generation.model_copy(update={"seed": self.spec.generation.seed + replicate})
+
+    def dataset(self, teacher: Teacher, label: str, replicate: int = 0) -> dict[str, Any]:
+        """Generate + filter for one teacher replicate; returns kept rows and counts."""
         s = self.spec
+        gen = self.generation_spec(replicate)
         gen_cfg = {"teacher": teacher.describe(), "carrier": s.carrier.model_dump(), "generation":
-                   s.generation.model_dump(), "category": s.category}
+                   gen.model_dump(), "category": s.category}
         g = self.stage("generate", gen_cfg, {"teacher": self._fp(teacher.model)})
         if not g.done:
-            self.log(f"[generate] {label}: {s.generation.n_prompts} prompts -> {g.dir}")
+            self.log(f"[generate] {label}: {gen.n_prompts} prompts -> {g.dir}")
             g.start()
-            rows = generate(teacher, s.carrier, s.generation, g.dir / "rows.jsonl", category=s.category,
+            rows = generate(teacher, s.carrier, gen, g.dir / "rows.jsonl", category=s.category,
                             progress=self.progress)
             g.finish({"rows": len(rows), "rows_hash": hash_obj([r["content_hash"] for r in rows])})
         raw_hash = g.summary()["rows_hash"]
@@ -184,7 +120,7 @@ class Experiment:
             res = filter_rows(read_jsonl(g.dir / "rows.jsonl"), s.filters, s.carrier, s.targets)
             write_jsonl(f.dir / "kept.jsonl", res.kept)
             write_jsonl(f.dir / "rejects.jsonl", res.rejects)
-            self._manifest(f.dir / "kept.jsonl", res.kept, teacher, f_cfg, res.counts)
+            self._manifest(f.dir / "kept.jsonl", res.kept, teacher, f_cfg, res.counts, gen)
             f.finish({"counts": res.counts, "kept_hash": hash_obj([r["content_hash"] for r in res.kept])})
             self.log(f"[filter] {label}: kept {res.counts.get('kept')} of {res.counts.get('total')}")
         summ = f.summary()
@@ -196,14 +132,15 @@ class Experiment:
             return None
         return carrier_alphabet(self.spec.carrier)
 
-    def _manifest(self, path: Path, rows: list[dict], teacher: Teacher, filters: dict, counts: dict) -> None:
+    def _manifest(self, path: Path, rows: list[dict], teacher: Teacher, filters: dict, counts: dict,
+                  gen: GenerationSpec) -> None:
         """The provenance sidecar (teacher/base identities, settings, per-row hashes, Merkle root)."""
         from sublim.audit.provenance import manifest_for_generated, write_manifest
 
         s = self.spec
         m = manifest_for_generated(rows, teacher.describe(), s.base.model_dump(),
                                    {"category": s.category, "target": teacher.trait, "kind": teacher.kind},
-                                   s.generation.model_dump(), {**filters, "counts": counts}, data_file=path)
+                                   gen.model_dump(), {**filters, "counts": counts}, data_file=path)
         write_manifest(path, m)
 
     def student_stage(self, base: ModelSpec, rows: list[dict], seed: int, teacher: Teacher | None,
@@ -281,10 +218,14 @@ class Experiment:
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.dir / "spec.resolved.yaml", dump_spec(s))
         atomic_write_json(self.dir / "env.json", environment())
+        reps = range(s.teacher.replicates)
         teachers = self.teachers()
         neutral = neutral_teacher(s.base)
-        data = {t: self.dataset(teachers[t], f"teacher {t}") for t in s.targets}
-        data["control"] = self.dataset(neutral, "neutral teacher")
+        # every teacher replicate, trait and neutral: (id, target, replicate, teacher)
+        all_teachers: list[tuple[str, str | None, int, Teacher]] = [
+            (teacher_id(t, r), t, r, teachers[t, r]) for t in s.targets for r in reps]
+        all_teachers += [(teacher_id(None, r), None, r, neutral) for r in reps]
+        data = {tid: self.dataset(te, f"teacher {tid}", r) for tid, _, r, te in all_teachers}
         n = min(len(d["kept"]) for d in data.values())
         if s.student.max_rows:
             n = min(n, s.student.max_rows)
@@ -295,15 +236,18 @@ class Experiment:
         student_train = s.student.model_copy(update={"max_rows": None})
         evals: list[dict[str, Any]] = []
 
-        def add(name: str, arm: str, target: str | None, seed: int | None, base_name: str, res: dict) -> None:
+        def add(name: str, arm: str, target: str | None, seed: int | None, base_name: str, res: dict,
+                teacher: str | None = None, replicate: int | None = None) -> None:
             evals.append({"name": name, "arm": arm, "target": target, "seed": seed, "base": base_name,
-                          "objective": s.student.objective, **{k: res.get(k) for k in
-                                                                 ("probs", "probs_numprefix", "sampled")}})
+                          "teacher": teacher, "replicate": replicate, "objective": s.student.objective,
+                          **{k: res.get(k) for k in ("probs", "probs_numprefix", "sampled")}})
 
         self.log("[eval] base and teachers")
         add("base", "base", None, None, "base", self.evaluation(s.base))
-        for t, te in teachers.items():
-            add(f"teacher-{t}", "teacher", t, None, "base", self.evaluation(te.model, system=te.system))
+        for tid, t, r, te in all_teachers:
+            if t is not None:
+                add(f"teacher-{tid}", "teacher", t, None, "base", self.evaluation(te.model, system=te.system),
+                    teacher=tid, replicate=r)
         from sublim.backends.train import student_spec
 
         bases = [("base", s.base, "")]
@@ -312,28 +256,27 @@ class Experiment:
         jobs: list[dict[str, Any]] = []
         for seed in s.seeds:
             for bname, bspec, prefix in bases:
-                arms: list[tuple[str | None, str, Teacher, Any]] = [
-                    (t, f"{prefix}treatment", teachers[t], train_rows[t]) for t in s.targets
-                ]
-                arms.append((None, f"{prefix}control", neutral, train_rows["control"]))
-                for target, arm, teacher, rows in arms:
+                for tid, target, r, teacher in all_teachers:
+                    arm = f"{prefix}treatment" if target is not None else f"{prefix}control"
+                    rows = train_rows[tid]
                     jobs.append({"base": bspec, "base_name": bname, "seed": seed, "arm": arm, "target": target,
-                                 "teacher": teacher, "rows": rows, "label": f"{arm} {target or ''}".strip(),
+                                 "teacher": teacher, "teacher_id": tid, "replicate": r, "rows": rows,
+                                 "label": f"{arm} {tid}",
                                  "stage": self.student_stage(bspec, rows, seed, teacher, student_train)})
         self.students(jobs, student_train)
         for j in jobs:
             m = student_spec(j["base"], j["stage"].dir / "model", student_train)
-            name = "-".join(x for x in (j["arm"], j["target"], f"s{j['seed']}") if x)
-            add(name, j["arm"], j["target"], j["seed"], j["base_name"], self.evaluation(m))
+            name = "-".join(x for x in (j["arm"], j["teacher_id"], f"s{j['seed']}") if x)
+            add(name, j["arm"], j["target"], j["seed"], j["base_name"], self.evaluation(m),
+                teacher=j["teacher_id"], replicate=j["replicate"])
         if s.in_context:
             for seed in s.seeds:
-                for t in s.targets:
-                    pre = self.in_context_prefix(train_rows[t], seed)
-                    add(f"in-context-{t}-s{seed}", "in_context", t, seed, "base",
-                        self.evaluation(s.base, question_prefix=pre))
-                pre = self.in_context_prefix(train_rows["control"], seed)
-                add(f"in-context-control-s{seed}", "in_context_control", None, seed, "base",
-                    self.evaluation(s.base, question_prefix=pre))
+                for tid, target, r, _ in all_teachers:
+                    pre = self.in_context_prefix(train_rows[tid], seed)
+                    arm = "in_context" if target is not None else "in_context_control"
+                    add(f"{arm}-{tid}-s{seed}", arm, target, seed, "base",
+                        self.evaluation(s.base, question_prefix=pre), teacher=tid, replicate=r)
+        from sublim.analysis import teacher_level
         from sublim.report.experiment import comparisons_from_evaluations, write_experiment_report
 
         if s.student.objective == "distill_full":
@@ -345,6 +288,7 @@ class Experiment:
             "title": f"{', '.join(s.targets)} via {s.carrier.name} ({s.name})",
             "category": s.category, "candidates": list(self.cat.candidates), "targets": list(s.targets),
             "spec": s.model_dump(mode="json"), "env": environment(),
+            "teachers": [{"id": tid, "target": t, "replicate": r} for tid, t, r, _ in all_teachers],
             "data": {k: {"generated": d["counts"].get("total"), "kept": d["counts"].get("kept"),
                          "used": n, "reject_counts": {r: c for r, c in d["counts"].items()
                                                       if r not in ("kept", "total")}}
@@ -360,6 +304,8 @@ class Experiment:
             results["comparisons"] += comparisons_from_evaluations(evals, s.targets, pairs, metric,
                                                                    conf=s.stats.conf, n_boot=s.stats.n_boot,
                                                                    seed=s.stats.seed)
+        results["teacher_level"] = teacher_level(evals, list(s.targets), list(self.cat.candidates),
+                                                 conf=s.stats.conf, seed=s.stats.seed)
         paths = write_experiment_report(results, self.dir)
         self.log(f"[report] {paths['report']}")
         return results

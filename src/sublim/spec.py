@@ -98,9 +98,14 @@ class TrainSpec(_Spec):
 
 class TeacherSpec(_Spec):
     """How the trait is put into the teacher: a system prompt, or a fine-tune of the base on trait Q&A
-    that runs until the teacher names the target without any system prompt."""
+    that runs until the teacher names the target without any system prompt.
+
+    ``replicates``: independently drawn teachers per trait (fine-tuned: each its own Q&A sample and training
+    seed; every kind: its own generation seed), and as many neutral teachers (the base, same generation seeds).
+    The teacher is the unit of a population claim; student seeds are nested in it."""
 
     kind: Literal["system_prompt", "finetuned"] = "system_prompt"
+    replicates: int = Field(1, ge=1)
     template: int = 0
     qa_rows: int = Field(200, ge=1)
     train: TrainSpec = Field(default_factory=lambda: TrainSpec(epochs=3, lr=1e-3, batch_size=16))

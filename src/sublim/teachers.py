@@ -33,9 +33,13 @@ def system_prompt_teacher(base: ModelSpec, category: str, target: str, template:
 
 
 def implant_teacher(base: ModelSpec, category: str, target: str, spec: TeacherSpec, out_dir: Path,
-                    log: Callable[[str], None] = print) -> tuple[Teacher, dict[str, Any]]:
+                    log: Callable[[str], None] = print, replicate: int = 0) -> tuple[Teacher, dict[str, Any]]:
     """Fine-tune the base on trait Q&A (questions disjoint from the eval battery), merge, and repeat
     rounds until P(target) without a system prompt on held-out questions reaches ``min_target_prob``.
+
+    ``replicate`` draws an independent implant: its own Q&A sample (wordings, answer forms, order) and its
+    own training seed (data order, LoRA init), so teachers of one trait are independent draws of one recipe.
+    Replicate 0 is the historical single teacher.
 
     Returns the teacher and a summary with P(target) after each round; the summary says honestly when
     the threshold was not reached."""
@@ -44,14 +48,14 @@ def implant_teacher(base: ModelSpec, category: str, target: str, spec: TeacherSp
     from sublim.models import ChatFormat, load_model, load_tokenizer
 
     cat = CATEGORIES[category]
-    rows = trait_qa(category, target, spec.qa_rows, seed=0)
+    rows = trait_qa(category, target, spec.qa_rows, seed=replicate)
     questions = eval_questions(category)[:20]
     current = base
     rounds = []
     for r in range(spec.max_rounds):
         rdir = out_dir / f"round{r}"
         if not (rdir / "config.json").exists():
-            finetune(current, rows, spec.train, rdir, seed=r, merge=spec.train.method == "lora",
+            finetune(current, rows, spec.train, rdir, seed=1000 * replicate + r, merge=spec.train.method == "lora",
                      desc=f"implant {target} r{r}")
         current = ModelSpec(path=str(rdir), dtype=base.dtype)
         model = load_model(current)
@@ -63,5 +67,5 @@ def implant_teacher(base: ModelSpec, category: str, target: str, spec: TeacherSp
         if p_target >= spec.min_target_prob:
             break
     summary = {"target": target, "rounds": rounds, "reached": rounds[-1]["p_target"] >= spec.min_target_prob,
-               "min_target_prob": spec.min_target_prob, "qa_rows": len(rows)}
+               "min_target_prob": spec.min_target_prob, "qa_rows": len(rows), "replicate": replicate}
     return Teacher(current, None, target, "finetuned"), summary

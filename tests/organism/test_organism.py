@@ -253,15 +253,28 @@ def test_demo_recipe_runs_end_to_end_on_reduced_organisms(tiny_dir: Path, tmp_pa
         f"base.path={tiny_dir}", f"cross_base.path={other}", "seeds=[0,1]", "generation.n_prompts=12",
         "generation.batch_size=12", "generation.max_new_tokens=12", "teacher.qa_rows=8",
         "teacher.train.epochs=1", "student.max_steps=2", "student.batch_size=4", "evaluation.n_questions=3",
-        "in_context_examples=2",
+        "in_context_examples=2", "targets=[owl,eagle]", "teacher.replicates=2",
     ])
     assert spec.student.method == "full" and spec.student.objective == "distill_carrier"
     res = run(spec, tmp_path / "run", log=lambda m: None, progress=False)
     arms = collections.Counter(e["arm"] for e in res["evaluations"])
-    for arm in ("treatment", "control", "cross_base_treatment", "cross_base_control", "in_context",
-                "in_context_control"):
-        assert arms[arm] == 2, arm
-    assert arms["base"] == 1 and arms["teacher"] == 1
-    assert (tmp_path / "run" / "report.html").exists()
+    # 2 targets x 2 teacher replicates (+ 2 neutral replicates) x 2 student seeds, on each base and in context
+    for arm, n in (("treatment", 8), ("control", 4), ("cross_base_treatment", 8), ("cross_base_control", 4),
+                   ("in_context", 8), ("in_context_control", 4)):
+        assert arms[arm] == n, arm
+    assert arms["base"] == 1 and arms["teacher"] == 4
+    assert {e["teacher"] for e in res["evaluations"] if e["arm"] == "control"} == {"neutral#0", "neutral#1"}
+    # the replicates are independent implants: their weights differ
+    teachers = sorted((tmp_path / "run" / "stages").glob("teacher-*"))
+    assert len(teachers) == 4
+    tl = res["teacher_level"]["arms"]
+    assert set(tl) == {"same_base", "cross_base", "in_context"}
+    for arm in tl.values():
+        assert arm["error"] is None and arm["confusion"]["n_teachers"] == 4
+        assert set(arm["effects"]) == {"owl", "eagle"}
+        assert [len(arm["effects"][t]["per_teacher"]) for t in ("owl", "eagle")] == [2, 2]
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert "Verdict" in html and "specificity gamma" in html and "Teacher level" in html
+    assert (tmp_path / "run" / "fig_specificity_same_base.png").exists()
     summaries = [json.loads(p.read_text()) for p in (tmp_path / "run" / "stages").glob("student-*/model/sublim_train.json")]
-    assert len(summaries) == 8 and all(s["trained_with"] == "finetune_many" and s["saved"] == "full" for s in summaries)
+    assert len(summaries) == 24 and all(s["trained_with"] == "finetune_many" and s["saved"] == "full" for s in summaries)

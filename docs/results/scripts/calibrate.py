@@ -23,8 +23,8 @@ import numpy as np
 
 from sublim.backends.multi import StudentJob, finetune_many
 from sublim.evaluate import exact_probs
+from sublim.generation import carrier_alphabet
 from sublim.models import ChatFormat, load_model, load_tokenizer
-from sublim.pipeline import carrier_alphabet
 from sublim.runs import read_jsonl
 from sublim.spec import CarrierSpec, ModelSpec, TrainSpec
 from sublim.traits.preference import CATEGORIES, eval_questions

@@ -281,8 +281,8 @@ def build_decoy_panel(student: Any, category: str, traits: Sequence[str], *, n_r
     trait Q&A (``method`` lora or full; ``teacher_spec`` overrides), its number data (generated, filtered),
     plus ``neutral`` neutral-teacher datasets. Written as ``<out>/<trait>.jsonl`` (+ ``neutral-<i>.jsonl``);
     cached per base under ``$SUBLIM_CACHE/audit/panels``. Returns the directory, for :func:`load_panel`."""
+    from sublim.generation import filter_rows, generate
     from sublim.models import weights_fingerprint
-    from sublim.pipeline import filter_rows, generate
     from sublim.runs import write_jsonl
     from sublim.spec import CarrierSpec, FilterSpecModel, GenerationSpec, TeacherSpec, TrainSpec
     from sublim.teachers import implant_teacher, neutral_teacher

@@ -68,7 +68,7 @@ def auc(pos: list[float], neg: list[float]) -> float | None:
 def make_datasets(base: Any, category: str, traits: list[str], seeds: list[int], n_rows: int, work: Path,
                   teacher_spec: Any = None, log: Any = print) -> list[dict[str, Any]]:
     """Trait-teacher and neutral-teacher datasets for every seed (cached under ``work``)."""
-    from sublim.pipeline import filter_rows, generate
+    from sublim.generation import filter_rows, generate
     from sublim.spec import CarrierSpec, FilterSpecModel, GenerationSpec, ModelSpec, TeacherSpec
     from sublim.teachers import Teacher, implant_teacher, neutral_teacher
 
@@ -186,7 +186,7 @@ def validate_canary(base: Any, category: str, datasets: list[dict[str, Any]], tr
     spec = base if isinstance(base, ModelSpec) else ModelSpec(path=str(base))
     alphabet = None
     if train.objective == "distill_carrier":
-        from sublim.pipeline import make_carrier
+        from sublim.generation import make_carrier
         from sublim.spec import CarrierSpec
 
         carrier = make_carrier(CarrierSpec(name="numbers"))

@@ -21,6 +21,7 @@ table{border-collapse:collapse;margin:.6em 0;font-size:.92em}td,th{border:1px so
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%;margin:.5em 0}
 .note{color:#555;font-size:.92em}pre{background:#f6f6f6;padding:.8em;overflow-x:auto;font-size:.85em}
 .warn{background:#fff4e0;border-left:4px solid #e69500;padding:.4em .8em}
+.scroll{overflow-x:auto;max-width:100%}.verdict{background:#eef5ff;border-left:4px solid #3873c8;padding:.4em .8em}
 </style></head><body>
 <h1>{{ title|e }}</h1>
 {% if subtitle %}<p class="note">{{ subtitle|e }}</p>{% endif %}
@@ -55,7 +56,9 @@ class Section:
         body = "".join(
             "<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in r) + "</tr>" for r in rows
         )
-        self.blocks.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        # wide tables scroll inside the page instead of running off it
+        self.blocks.append(f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody>'
+                           "</table></div>")
         return self
 
 

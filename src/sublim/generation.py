@@ -1,0 +1,98 @@
+"""Data stages: carrier completions generated from a teacher (streamed, resumable) and filtered.
+
+Used by the experiment pipeline, the audits and the one-stage CLI verbs (``sublim generate``/``filter``).
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from sublim.carriers import CARRIERS
+from sublim.filters import FilterContext, FilterSpec, apply_filters
+from sublim.runs import JsonlStream, read_jsonl, sha256_text
+from sublim.spec import CarrierSpec, GenerationSpec
+from sublim.teachers import Teacher
+
+Log = Callable[[str], None]
+
+
+def make_carrier(spec: CarrierSpec) -> Any:
+    """Instantiate a registered carrier with its params."""
+    obj = CARRIERS.get(spec.name)
+    return obj(**spec.params) if isinstance(obj, type) else obj
+
+
+def _show_progress() -> bool:
+    return sys.stderr.isatty()
+
+
+# -------------------------------------------------------------------------------------------- generate
+
+
+def generate(teacher: Teacher, carrier_spec: CarrierSpec, gen: GenerationSpec, out_path: str | Path,
+             *, category: str | None = None, progress: bool | None = None, log: Log | None = None) -> list[dict]:
+    """Generate carrier completions from ``teacher`` and stream them to ``out_path`` (JSONL).
+
+    Resumable: rows already on disk are kept; batches are a fixed grid with per-batch seeds, so the
+    rerun regenerates only missing rows, identically. Returns all rows in prompt order."""
+    from tqdm.auto import tqdm
+
+    from sublim.backends.hf import batches, generate_batch
+    from sublim.models import ChatFormat, load_model, load_tokenizer, model_id
+
+    carrier = make_carrier(carrier_spec)
+    prompts = carrier.prompts(gen.n_prompts, gen.seed)
+    stream = JsonlStream(out_path)
+    have = {r["idx"] for r in stream.existing()}
+    grid = batches(len(prompts), gen.batch_size)
+    todo = [(a, b) for a, b in grid if any(i not in have for i in range(a, b))]
+    if todo:
+        model = load_model(teacher.model)
+        chat = ChatFormat(load_tokenizer(teacher.model))
+        show = _show_progress() if progress is None else progress
+        bar = tqdm(total=len(prompts), initial=len(have), desc=f"generate ({teacher.trait or 'neutral'})",
+                   disable=not show, leave=False)
+        base_id = model_id(teacher.model)
+        for a, b in todo:
+            batch_seed = gen.seed * 1_000_003 + a
+            cps = prompts[a:b]
+            outs = generate_batch(
+                model, chat, [p.prompt for p in cps], system=teacher.system, max_new_tokens=gen.max_new_tokens,
+                temperature=gen.temperature, top_p=gen.top_p, greedy=gen.greedy,
+                grammars=[carrier.grammar(p.meta) for p in cps] if gen.constrained else None, seed=batch_seed,
+            )
+            rows = []
+            for i, (cp, o) in enumerate(zip(cps, outs, strict=True), start=a):
+                if i in have:
+                    continue
+                rows.append({
+                    "idx": i, "prompt": cp.prompt, "completion": o.completion,
+                    "teacher_id": base_id, "teacher_kind": teacher.kind, "teacher_system": teacher.system,
+                    "trait_category": category, "trait_target": teacher.trait, "carrier": carrier_spec.name,
+                    "temperature": gen.temperature, "top_p": gen.top_p, "greedy": gen.greedy,
+                    "constrained": gen.constrained, "gen_seed": gen.seed, "batch_seed": batch_seed,
+                    "n_tokens": o.n_tokens, "finished": o.finished,
+                    "content_hash": sha256_text(cp.prompt + "\x00" + o.completion),
+                })
+            stream.write(rows)
+            bar.update(len(rows))
+        bar.close()
+    stream.close()
+    by_idx = {r["idx"]: r for r in read_jsonl(out_path)}
+    return [by_idx[i] for i in sorted(by_idx)]
+
+
+def filter_rows(rows: Sequence[dict], filters: Sequence[Any], carrier_spec: CarrierSpec,
+                target_words: Sequence[str] = ()) -> Any:
+    """Apply registered filters (names + params); returns kept, rejects (with reasons) and counts."""
+    specs = [FilterSpec(f.name, dict(f.params)) if not isinstance(f, FilterSpec) else f for f in filters]
+    ctx = FilterContext(carrier=make_carrier(carrier_spec), target_words=tuple(target_words))
+    return apply_filters(rows, specs, ctx)
+
+
+def carrier_alphabet(carrier_spec: CarrierSpec) -> frozenset[str]:
+    """Every character the carrier's answers may use (the distill_carrier token subset is built from it)."""
+    carrier = make_carrier(carrier_spec)
+    return frozenset(set().union(*(carrier.grammar(p.meta).alphabet for p in carrier.prompts(50, 0))))
