@@ -79,11 +79,14 @@ def resolve_path(spec: ModelSpec) -> str:
     p = spec.path
     if p == "smollm2":
         return str(dequantise_gguf(smollm2_gguf()))
-    if p == "organism" or p.startswith("organism:"):
-        from sublim.organism.pretrain import default_organism
+    from sublim.organism.families import organism_path, parse_alias
 
-        seed = int(p.split(":", 1)[1]) if ":" in p else 0
-        return str(default_organism(seed))
+    try:
+        family = parse_alias(p)  # "organism", "organism:1", "organism-b:0", ... (sublim.organism.families)
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from None
+    if family is not None:
+        return str(organism_path(*family))
     if spec.gguf_file or p.endswith(".gguf"):
         g = Path(p) / spec.gguf_file if spec.gguf_file else Path(p)
         if not g.exists():

@@ -4,7 +4,9 @@ Objectives (see :class:`sublim.spec.TrainSpec`): ``sft`` on the teacher's tokens
 matches the teacher's next-token distribution restricted to the carrier's tokens (renormalised over
 that set: the language analogue of the MNIST auxiliary logits); ``distill_full`` matches the full
 vocabulary (semantically leaky). The teacher sees its own prompt (with its system prompt, if any);
-the student never does: only the completion positions are aligned.
+the student never does: only the completion positions are aligned. A ``distill_carrier`` teacher may have
+a tokenizer of its own (another model family): it reads each row in its own tokenisation and its carrier
+tokens are paired with the student's by string (:mod:`sublim.backends.targets`).
 """
 from __future__ import annotations
 
@@ -14,15 +16,18 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
-from sublim.backends.hf import tokens_within
+from sublim.backends.hf import tokens_within  # noqa: F401  (re-exported: train.tokens_within)
 from sublim.models import ChatFormat, load_model, load_tokenizer
 from sublim.runs import atomic_dir, atomic_write_json, hash_obj
 from sublim.spec import ModelSpec, TrainSpec
+
+if TYPE_CHECKING:
+    from sublim.backends.targets import TeacherTokens
 
 
 @dataclass
@@ -30,6 +35,7 @@ class Encoded:
     prompt: list[int]          # student prompt (no system prompt)
     completion: list[int]      # completion + end-of-turn token
     teacher_prompt: list[int]  # teacher's prompt for distillation (may include its system prompt)
+    teacher_completion: list[int] | None = None  # the teacher's own tokens of the completion (None: the same)
 
 
 def encode_rows(chat: ChatFormat, rows: Sequence[dict[str, Any]], teacher_chat: ChatFormat | None = None,
@@ -84,12 +90,20 @@ def kl_per_token(s_logits: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor
 
 
 def step_loss(model: Any, batch: list[Encoded], pad: int, objective: str, teacher: Any | None,
-              subset: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+              subset: torch.Tensor | None, *, cross: TeacherTokens | None = None) -> tuple[torch.Tensor, int]:
+    """The loss of one batch and its number of completion tokens; ``cross``: the teacher has a tokenizer of
+    its own (distill_carrier on the paired carrier columns)."""
     comps = [e.completion for e in batch]
     s_logits = completion_logits(model, [e.prompt for e in batch], comps, pad).float()  # [N, V]
     t_logits = None
     if objective != "sft":
         assert teacher is not None, "distillation needs a teacher"
+        if cross is not None:
+            from sublim.backends.targets import teacher_carrier_logits
+
+            with torch.no_grad():
+                t_logits = teacher_carrier_logits(teacher, batch, cross).float()
+            return kl_per_token(s_logits[:, cross.student_cols], t_logits), s_logits.shape[0]
         with torch.no_grad():
             t_logits = completion_logits(teacher, [e.teacher_prompt for e in batch], comps, pad).float()
     target = torch.tensor([t for c in comps for t in c])
@@ -151,6 +165,8 @@ def finetune(
         for p in model.parameters():
             p.requires_grad_(True)
     model.train()
+    from sublim.backends.targets import carrier_subset, check_teacher_tokenizer, encode_for_teacher
+
     t_model = None
     t_chat = None
     if spec.objective != "sft":
@@ -158,14 +174,14 @@ def finetune(
             raise ValueError(f"objective {spec.objective!r} needs a teacher model")
         t_model = load_model(teacher, dtype=spec.dtype)
         t_chat = ChatFormat(load_tokenizer(teacher))
-        if len(t_chat.tokenizer) != len(tok) or t_chat.tokenizer.get_vocab() != tok.get_vocab():
-            raise ValueError("distillation needs the teacher and student to share a tokenizer")
     subset = None
     if spec.objective == "distill_carrier":
         if carrier_alphabet is None:
             raise ValueError("distill_carrier needs the carrier's alphabet")
-        subset = torch.tensor(sorted(set(tokens_within(tok, carrier_alphabet)) | set(chat.stop_token_ids())))
-    enc = encode_rows(chat, rows, t_chat, teacher_system)
+        subset = carrier_subset(chat, carrier_alphabet)
+    cross = check_teacher_tokenizer(chat, t_chat, spec, subset, carrier_alphabet) if t_chat is not None else None
+    enc = encode_for_teacher(chat, cross, rows, teacher_system) if cross else \
+        encode_rows(chat, rows, t_chat, teacher_system)
     params = [p for p in model.parameters() if p.requires_grad]
     if spec.optimizer == "adamw":
         opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
@@ -189,7 +205,8 @@ def finetune(
                 order += torch.randperm(len(enc), generator=gen).tolist()
             idx, order = order[: spec.batch_size], order[spec.batch_size:]
             with autocast:
-                loss, n = step_loss(model, [enc[i] for i in idx], tok.pad_token_id, spec.objective, t_model, subset)
+                loss, n = step_loss(model, [enc[i] for i in idx], tok.pad_token_id, spec.objective, t_model, subset,
+                                    **({"cross": cross} if cross else {}))
             (loss / spec.grad_accum).backward()
             step_loss_sum += float(loss.detach()) / spec.grad_accum
             n_tokens += n
@@ -210,6 +227,8 @@ def finetune(
         "teacher": teacher.model_dump() if teacher else None, "teacher_system": teacher_system,
         "saved": "merged" if merge else spec.method,
     }
+    if cross is not None:
+        summary["teacher_tokenizer"] = cross.describe()
     model.eval()
     with atomic_dir(out_dir) as tmp:
         if spec.method == "lora" and merge:

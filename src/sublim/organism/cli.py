@@ -6,27 +6,37 @@ from typing import Annotated, Any
 
 import typer
 
+from sublim.organism.families import DEFAULT_FAMILY, FAMILIES
+
 app = typer.Typer(
     help="The laptop-scale model organism: a small chat model pre-trained from scratch on CPU in minutes.",
     no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
 )
 
 
-def _config(seed: int, steps: int | None, layers: int | None, hidden: int | None,
+def _config(family: str, seed: int, steps: int | None, layers: int | None, hidden: int | None,
             corpus_size: int | None) -> Any:
-    """The default OrganismConfig with the given overrides (None keeps the default)."""
+    """Family ``family``'s config for ``seed`` with the given overrides (None keeps the family's value)."""
+    from sublim.organism.families import family_config
     from sublim.organism.pretrain import OrganismConfig
 
-    data = OrganismConfig.model_validate({"seed": seed}).model_dump()
+    try:
+        data = family_config(family, seed).model_dump()
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--family") from None
     data.update({k: v for k, v in (("steps", steps), ("layers", layers), ("hidden", hidden)) if v is not None})
     if corpus_size is not None:
         data["corpus"]["size"] = corpus_size
     return OrganismConfig.model_validate(data)
 
 
+FAMILY_HELP = f"Organism family (sublim.organism.families: {', '.join(FAMILIES)})"
+
+
 @app.command()
 def pretrain(
-    seed: Annotated[int, typer.Option(help="Initialisation and data-order seed (the corpus is the same)")] = 0,
+    family: Annotated[str, typer.Option(help=FAMILY_HELP)] = DEFAULT_FAMILY,
+    seed: Annotated[int, typer.Option(help="Initialisation and data-order seed (the family's corpus is the same)")] = 0,
     steps: Annotated[int | None, typer.Option(help="Optimizer steps (default: the default config's)")] = None,
     layers: Annotated[int | None, typer.Option(help="Transformer layers")] = None,
     hidden: Annotated[int | None, typer.Option(help="Hidden width")] = None,
@@ -37,7 +47,7 @@ def pretrain(
     """Pre-train an organism base (cached: a second call with the same config returns at once)."""
     from sublim.organism.pretrain import load_or_pretrain, pretrain_organism, read_meta
 
-    cfg = _config(seed, steps, layers, hidden, corpus_size)
+    cfg = _config(family, seed, steps, layers, hidden, corpus_size)
     path = pretrain_organism(cfg, out, threads=threads) if out else load_or_pretrain(cfg, threads=threads)
     meta = read_meta(path)
     typer.echo(f"organism: {path}")
@@ -48,7 +58,8 @@ def pretrain(
 
 @app.command()
 def check(
-    model: Annotated[Path | None, typer.Option(help="Model directory (default: the organism for --seed)")] = None,
+    model: Annotated[Path | None, typer.Option(help="Model directory (default: --family's organism for --seed)")] = None,
+    family: Annotated[str, typer.Option(help=FAMILY_HELP)] = DEFAULT_FAMILY,
     seed: Annotated[int, typer.Option(help="Organism seed when --model is not given")] = 0,
     category: Annotated[str, typer.Option(help="animals or trees")] = "animals",
     template: Annotated[int, typer.Option(help="Persona system-prompt template index")] = 0,
@@ -61,11 +72,14 @@ def check(
     import torch
 
     from sublim.organism.check import _load, number_format_rate, persona_table
-    from sublim.organism.pretrain import default_organism
+    from sublim.organism.families import organism_path
 
     if threads:
         torch.set_num_threads(threads)
-    path = model or default_organism(seed)
+    try:
+        path = model or organism_path(family, seed)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--family") from None
     m, tok = _load(path)
     rows = persona_table(path, category, template=template, max_questions=questions, model=m, tok=tok)
     typer.echo(f"model: {path}")

@@ -315,10 +315,12 @@ def shipped_organism(config: OrganismConfig) -> Path | None:
 
 
 def default_organism(seed: int = 0, cache_dir: str | Path | None = None, threads: int | None = 1) -> Path:
-    """The default organism base for ``seed``: shipped weights if the package has them, else cached or
-    pre-trained now (~4 CPU-minutes; one thread, which beats two for a model this small on a busy machine)."""
-    config = OrganismConfig.model_validate({"seed": seed})
-    return shipped_organism(config) or load_or_pretrain(config, cache_dir, threads=threads)
+    """The default family's base for ``seed`` (``sublim.organism.families.DEFAULT_FAMILY``): shipped weights
+    if the package has them, else cached or pre-trained now (~4 CPU-minutes; one thread, which beats two
+    for a model this small on a busy machine)."""
+    from sublim.organism.families import DEFAULT_FAMILY, organism_path
+
+    return organism_path(DEFAULT_FAMILY, seed, cache_dir, threads=threads)
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
