@@ -20,7 +20,8 @@ __all__ = ["ARMS", "records", "teacher_level", "verdict_text"]
 # (key, label, treated arm, control arm)
 ARMS: tuple[tuple[str, str, str, str], ...] = (
     ("same_base", "same base", "treatment", "control"),
-    ("cross_base", "cross base", "cross_base_treatment", "cross_base_control"),
+    ("cross_base", "cross base (matched)", "cross_base_treatment", "cross_base_control"),
+    ("other_base", "other family", "other_base_treatment", "other_base_control"),
     ("in_context", "in context", "in_context", "in_context_control"),
 )
 

@@ -42,11 +42,19 @@ def run(
 
 
 def _print_summary(results: dict[str, Any], run_dir: Path) -> None:
+    """The verdict paragraph (teacher level, once per arm); older results without one: each comparison."""
+    from sublim.analysis import verdict_text
     from sublim.report.experiment import verdict
 
-    for c in results.get("comparisons", []):
-        if c["metric"] == "probs":
-            typer.echo(verdict(c))
+    lines = verdict_text(results["teacher_level"]) if results.get("teacher_level") else []
+    if lines:
+        typer.echo("Verdict:")
+        for line in lines:
+            typer.echo("  " + line)
+    else:
+        for c in results.get("comparisons", []):
+            if c["metric"] == "probs":
+                typer.echo(verdict(c))
     typer.echo(f"report: {run_dir / 'report.html'}")
 
 

@@ -176,10 +176,28 @@ class Experiment:
                 sjobs = [StudentJob(j["rows"], j["seed"], j["stage"].dir / "model",
                                     j["teacher"].model if j["teacher"] else None,
                                     j["teacher"].system if j["teacher"] else None, j["label"]) for j in chunk]
+                trace = self._trace(base, chunk)
                 sums = finetune_many(base, sjobs, train, carrier_alphabet=alphabet, progress=self.progress,
-                                     desc=f"{len(chunk)} students")
+                                     desc=f"{len(chunk)} students", on_step=trace)
+                if trace is not None:
+                    for st in trace.students:
+                        atomic_write_json(chunk[st.index]["stage"].dir / "theorem.json",
+                                          {"label": st.label, "points": st.points})
                 for j, summ in zip(chunk, sums, strict=True):
                     j["stage"].finish({k: v for k, v in summ.items() if k != "losses"})
+
+    def _trace(self, base: ModelSpec, chunk: list[dict[str, Any]]) -> Any:
+        """The theorem trace for the chunk's traced students (``theorem_every``), or None."""
+        from sublim.theorem import TheoremTrace, TracedStudent
+        from sublim.traits.preference import trait_qa
+
+        s = self.spec
+        picked = [(i, j) for i, j in enumerate(chunk) if j.get("trace")]
+        if not s.theorem_every or not picked or s.student.method != "full":
+            return None
+        students = [TracedStudent(i, j["label"], j["trace"].model, s.base,
+                                  trait_qa(s.category, j["trace"].trait, s.teacher.qa_rows, seed=0)) for i, j in picked]
+        return TheoremTrace(base, students, s.theorem_every)
 
     def evaluation(self, model: ModelSpec, system: str | None = None, question_prefix: str = "",
                    label: str = "") -> dict[str, Any]:
@@ -253,17 +271,30 @@ class Experiment:
         bases = [("base", s.base, "")]
         if s.cross_base is not None:
             bases.append(("cross_base", s.cross_base, "cross_base_"))
+        if s.other_base is not None:
+            bases.append(("other_base", s.other_base, "other_base_"))
         jobs: list[dict[str, Any]] = []
+        # the theorem is traced against the first target's first teacher (a fine-tuned one has a displacement)
+        traced = teachers[s.targets[0], 0] if s.theorem_every and s.teacher.kind == "finetuned" else None
+        if s.theorem_every and traced is None:
+            self.notes.append("theorem_every: a system-prompted teacher has no weight displacement to trace.")
         for seed in s.seeds:
             for bname, bspec, prefix in bases:
                 for tid, target, r, teacher in all_teachers:
                     arm = f"{prefix}treatment" if target is not None else f"{prefix}control"
                     rows = train_rows[tid]
+                    trace = traced if seed == s.seeds[0] and r == 0 and target in (s.targets[0], None) else None
                     jobs.append({"base": bspec, "base_name": bname, "seed": seed, "arm": arm, "target": target,
                                  "teacher": teacher, "teacher_id": tid, "replicate": r, "rows": rows,
-                                 "label": f"{arm} {tid}",
+                                 "label": f"{arm} {tid}", "trace": trace,
                                  "stage": self.student_stage(bspec, rows, seed, teacher, student_train)})
         self.students(jobs, student_train)
+        theorem = []
+        for j in jobs:
+            f = j["stage"].dir / "theorem.json"
+            if j["trace"] is not None and f.exists():
+                theorem.append({**json.loads(f.read_text()), "arm": j["arm"], "base": j["base_name"],
+                                "teacher": j["teacher_id"], "against": teacher_id(s.targets[0], 0)})
         for j in jobs:
             m = student_spec(j["base"], j["stage"].dir / "model", student_train)
             name = "-".join(x for x in (j["arm"], j["teacher_id"], f"s{j['seed']}") if x)
@@ -283,7 +314,7 @@ class Experiment:
             self.notes.append("Full-vocabulary distillation is semantically leaky: the soft labels carry the "
                               "probability of the trait word itself, so transfer here is not subliminal.")
         pairs = (("treatment", "control"), ("cross_base_treatment", "cross_base_control"),
-                 ("in_context", "in_context_control"))
+                 ("other_base_treatment", "other_base_control"), ("in_context", "in_context_control"))
         results: dict[str, Any] = {
             "title": f"{', '.join(s.targets)} via {s.carrier.name} ({s.name})",
             "category": s.category, "candidates": list(self.cat.candidates), "targets": list(s.targets),
@@ -294,6 +325,7 @@ class Experiment:
                                                       if r not in ("kept", "total")}}
                      for k, d in data.items()},
             "evaluations": evals,
+            "theorem": theorem,
             "notes": self.notes,
             "seconds": time.perf_counter() - t0,
         }

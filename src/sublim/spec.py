@@ -135,7 +135,11 @@ class ExperimentSpec(_Spec):
 
     name: str = "experiment"
     base: ModelSpec
+    # controls of the shared-initialisation claim: a behaviourally matched base (same corpus and tokenizer,
+    # other init: ``organism:1``) and a genuinely other-family base (other corpus, tokenizer and shape:
+    # ``organism-b``); each trains its own treatment and control students on the same teachers' data
     cross_base: ModelSpec | None = None
+    other_base: ModelSpec | None = None
     category: str = "animals"
     targets: list[str] = Field(default_factory=lambda: ["owl"], min_length=1)
     teacher: TeacherSpec = Field(default_factory=TeacherSpec)
@@ -152,6 +156,10 @@ class ExperimentSpec(_Spec):
     in_context_examples: int = Field(8, ge=1)
     evaluation: EvalSpec = Field(default_factory=EvalSpec)
     stats: StatsSpec = Field(default_factory=StatsSpec)
+    # the theorem along training (fine-tuned teachers, full students): every N student steps, for the first
+    # seed's treatment student of the first target's first teacher and its control, on each base: the cosine
+    # of the student's and the teacher's displacements and the teacher's implant loss at the student (0: off)
+    theorem_every: int = Field(0, ge=0)
 
     @field_validator("seeds")
     @classmethod

@@ -254,6 +254,7 @@ def test_demo_recipe_runs_end_to_end_on_reduced_organisms(tiny_dir: Path, tmp_pa
         "generation.batch_size=12", "generation.max_new_tokens=12", "teacher.qa_rows=8",
         "teacher.train.epochs=1", "student.max_steps=2", "student.batch_size=4", "evaluation.n_questions=3",
         "in_context_examples=2", "targets=[owl,eagle]", "teacher.replicates=2",
+        "theorem_every=1", "teacher.train.warmup_steps=0",  # one implant step: with warm-up its lr would be 0
     ])
     assert spec.student.method == "full" and spec.student.objective == "distill_carrier"
     res = run(spec, tmp_path / "run", log=lambda m: None, progress=False)
@@ -273,7 +274,18 @@ def test_demo_recipe_runs_end_to_end_on_reduced_organisms(tiny_dir: Path, tmp_pa
         assert arm["error"] is None and arm["confusion"]["n_teachers"] == 4
         assert set(arm["effects"]) == {"owl", "eagle"}
         assert [len(arm["effects"][t]["per_teacher"]) for t in ("owl", "eagle")] == [2, 2]
+    # the theorem is traced for seed 0's owl#0 treatment student and neutral#0 control, on both bases
+    traces = {(t["base"], t["arm"]): t for t in res["theorem"]}
+    assert set(traces) == {("base", "treatment"), ("base", "control"), ("cross_base", "cross_base_treatment"),
+                           ("cross_base", "cross_base_control")}
+    for t in traces.values():
+        assert t["against"] == "owl#0" and [p["step"] for p in t["points"]] == [0, 1, 2]
+        # step 0 has no displacement, nor step 1 (the first warm-up step has learning rate 0)
+        assert [p["cosine"] is None for p in t["points"]] == [True, True, False], t
+        assert -1 <= t["points"][2]["cosine"] <= 1
+        assert all(p["implant_loss"] > 0 for p in t["points"])
     html = (tmp_path / "run" / "report.html").read_text()
+    assert "The theorem along training" in html
     assert "Verdict" in html and "specificity gamma" in html and "Teacher level" in html
     assert (tmp_path / "run" / "fig_specificity_same_base.png").exists()
     summaries = [json.loads(p.read_text()) for p in (tmp_path / "run" / "stages").glob("student-*/model/sublim_train.json")]

@@ -21,7 +21,8 @@ __all__ = [
 
 ARM_ORDER: tuple[str, ...] = (
     "base", "teacher", "control", "treatment",
-    "cross_base_control", "cross_base_treatment", "in_context_control", "in_context",
+    "cross_base_control", "cross_base_treatment", "other_base_control", "other_base_treatment",
+    "in_context_control", "in_context",
 )
 METRICS: tuple[str, ...] = ("probs", "probs_numprefix", "sampled")
 METRIC_LABELS: dict[str, str] = {
@@ -32,6 +33,8 @@ METRIC_LABELS: dict[str, str] = {
 _ARM_LABELS = {
     "cross_base_control": "cross-base control",
     "cross_base_treatment": "cross-base treatment",
+    "other_base_control": "other-family control",
+    "other_base_treatment": "other-family treatment",
     "in_context_control": "in-context control",
     "in_context": "in-context",
 }

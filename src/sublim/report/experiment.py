@@ -43,6 +43,7 @@ __all__ = [
 DEFAULT_PAIRS: tuple[tuple[str, str], ...] = (
     ("treatment", "control"),
     ("cross_base_treatment", "cross_base_control"),
+    ("other_base_treatment", "other_base_control"),
     ("in_context", "in_context_control"),
 )
 
@@ -350,7 +351,7 @@ def write_experiment_report(results: dict[str, Any], out_dir: str | Path) -> dic
            f"targets: {', '.join(res.get('targets') or [])}",
            f"candidates: {len(res.get('candidates') or [])}",
            f"git {env['git_revision']}" if isinstance(env, dict) and env.get("git_revision") else ""]
-    from sublim.report.teacher_level import heatmap_figures, teacher_tables, verdict_section
+    from sublim.report.teacher_level import heatmap_figures, teacher_tables, theorem_section, verdict_section
 
     verdict_sec = verdict_section(res)
     sections = [verdict_sec] if verdict_sec else [_headline(res)]
@@ -370,6 +371,7 @@ def write_experiment_report(results: dict[str, Any], out_dir: str | Path) -> dic
     if verdict_sec:  # the claim is the verdict; the per-comparison sentences are the student-level detail
         sections += [s for s in (teacher_tables(res), _headline(res, "Comparisons one at a time (student level)"))
                      if s is not None]
+    sections += [s for s in (theorem_section(res, out),) if s is not None]
     sections += [_comparison_table(res), _model_table(res), _data_section(res)]
     sections.append(Section("Resolved spec").pre(_dump(res.get("spec") or {})))
     sections.append(Section("Environment").pre(_dump(env)))

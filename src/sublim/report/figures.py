@@ -19,7 +19,7 @@ from sublim.report.arms import METRIC_LABELS, arm_label, arms_in, metric_value, 
 from sublim.runs import atomic_write_bytes
 from sublim.stats import mean_ci
 
-__all__ = ["ARM_COLORS", "distribution_plot", "specificity_heatmap", "target_bars"]
+__all__ = ["ARM_COLORS", "distribution_plot", "specificity_heatmap", "target_bars", "theorem_curves"]
 
 ARM_COLORS: dict[str, str] = {
     "base": "#9e9e9e",
@@ -28,6 +28,8 @@ ARM_COLORS: dict[str, str] = {
     "treatment": "#e31a1c",
     "cross_base_control": "#a6cee3",
     "cross_base_treatment": "#fb9a99",
+    "other_base_control": "#cab2d6",
+    "other_base_treatment": "#ff7f00",
     "in_context_control": "#b2df8a",
     "in_context": "#33a02c",
 }
@@ -221,4 +223,34 @@ def specificity_heatmap(
                             color="white" if abs(v) > 0.6 * lim else "black")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="mean log lift (0 = control)")
     ax.set_title(title, fontsize=10)
+    return _save(fig, path)
+
+
+def theorem_curves(traces: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """The theorem along training: per traced student, the cosine between its displacement and the teacher's
+    (left) and the teacher's implant loss at the student's parameters (right), against student steps."""
+    if not traces:
+        return _empty(path, "no theorem trace")
+    fig = Figure(figsize=(10.0, 3.8))
+    ax_c, ax_l = fig.subplots(1, 2)
+    for i, tr in enumerate(traces):
+        pts = tr.get("points") or []
+        label = f"{arm_label(str(tr.get('arm')))} ({tr.get('teacher')})"
+        color = _color(str(tr.get("arm")), i)
+        style = "-" if "treatment" in str(tr.get("arm")) else "--"
+        cs = [(p["step"], p["cosine"]) for p in pts if p.get("cosine") is not None]
+        if cs:
+            ax_c.plot(*zip(*cs, strict=True), style, color=color, label=label)
+        ls = [(p["step"], p["implant_loss"]) for p in pts if p.get("implant_loss") is not None]
+        if ls:
+            ax_l.plot(*zip(*ls, strict=True), style, color=color, label=label)
+    ax_c.axhline(0, color="black", lw=0.8)
+    ax_c.set_xlabel("student step")
+    ax_c.set_ylabel("cos(student displacement, teacher displacement)")
+    ax_l.set_xlabel("student step")
+    ax_l.set_ylabel("teacher's implant loss at the student (nats/token)")
+    for ax in (ax_c, ax_l):
+        ax.grid(alpha=0.3)
+    ax_l.legend(fontsize=7, frameon=False)
+    fig.suptitle("The theorem along training: same-init students should move toward the teacher", fontsize=10)
     return _save(fig, path)
