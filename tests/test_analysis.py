@@ -36,7 +36,7 @@ def test_records_average_repeats_and_name_teachers_of_old_results() -> None:
 
 
 def test_replicated_specific_transfer_is_called_at_the_teacher_level() -> None:
-    tl = teacher_level(_evals(ANIMALS, 3, 2, 0.5, np.random.default_rng(0)), ANIMALS, ANIMALS, n_perm=2000)
+    tl = teacher_level(_evals(ANIMALS, 3, 2, 0.5, np.random.default_rng(0)), ANIMALS, n_perm=2000)
     arm = tl["arms"]["same_base"]
     assert arm["error"] is None and abs(arm["confusion"]["gamma"] - 0.5) < 0.1
     assert all(e["treated"]["n_teachers"] == 3 for e in arm["effects"].values())
@@ -48,13 +48,13 @@ def test_replicated_specific_transfer_is_called_at_the_teacher_level() -> None:
 
 
 def test_a_null_is_reported_as_a_null() -> None:
-    tl = teacher_level(_evals(ANIMALS, 3, 2, 0.0, np.random.default_rng(1)), ANIMALS, ANIMALS, n_perm=2000)
+    tl = teacher_level(_evals(ANIMALS, 3, 2, 0.0, np.random.default_rng(1)), ANIMALS, n_perm=2000)
     (text,) = verdict_text(tl)
     assert "no specific transfer shown at p < 0.001" in text
 
 
 def test_one_teacher_is_one_draw() -> None:
-    tl = teacher_level(_evals(["owl"], 1, 3, 0.5, np.random.default_rng(2)), ["owl"], ANIMALS)
+    tl = teacher_level(_evals(["owl"], 1, 3, 0.5, np.random.default_rng(2)), ["owl"])
     arm = tl["arms"]["same_base"]
     assert arm["confusion"] is None and arm["effects"]["owl"]["diff_ci"] == [None, None]
     (text,) = verdict_text(tl)
@@ -64,4 +64,4 @@ def test_one_teacher_is_one_draw() -> None:
 
 def test_an_arm_without_controls_is_skipped() -> None:
     evs = [e for e in _evals(["owl"], 2, 2, 0.5, np.random.default_rng(3)) if e["arm"] == "treatment"]
-    assert teacher_level(evs, ["owl"], ANIMALS)["arms"] == {}
+    assert teacher_level(evs, ["owl"])["arms"] == {}

@@ -70,11 +70,11 @@ def _per_teacher(treated: list[dict[str, Any]], controls: list[dict[str, Any]], 
     return out
 
 
-def teacher_level(evaluations: Sequence[dict[str, Any]], targets: Sequence[str], candidates: Sequence[str],
-                  conf: float = 0.95, seed: int = 0, n_perm: int = 10_000) -> dict[str, Any]:
+def teacher_level(evaluations: Sequence[dict[str, Any]], targets: Sequence[str], conf: float = 0.95,
+                  seed: int = 0, n_perm: int = 10_000) -> dict[str, Any]:
     """Per arm with data: ``effects`` (target -> teacher_effect + ``per_teacher`` calls), ``confusion`` (the
-    specificity fit over the targets, or None with one target) and ``error`` for an arm that cannot be
-    analysed (e.g. no controls). Strict JSON."""
+    specificity fit with the targets as rows and columns, or None with one target) and ``error`` for an arm
+    that cannot be analysed (e.g. no controls). Strict JSON."""
     out: dict[str, Any] = {"conf": conf, "arms": {}}
     for key, label, t_arm, c_arm in ARMS:
         treated, controls = records(evaluations, t_arm), records(evaluations, c_arm)
@@ -93,7 +93,6 @@ def teacher_level(evaluations: Sequence[dict[str, Any]], targets: Sequence[str],
         except ValueError as e:
             arm["error"] = str(e)
         out["arms"][key] = arm
-    del candidates  # every candidate is scored; the specificity design uses the targets as its columns
     return out
 
 

@@ -336,8 +336,7 @@ class Experiment:
             results["comparisons"] += comparisons_from_evaluations(evals, s.targets, pairs, metric,
                                                                    conf=s.stats.conf, n_boot=s.stats.n_boot,
                                                                    seed=s.stats.seed)
-        results["teacher_level"] = teacher_level(evals, list(s.targets), list(self.cat.candidates),
-                                                 conf=s.stats.conf, seed=s.stats.seed)
+        results["teacher_level"] = teacher_level(evals, list(s.targets), conf=s.stats.conf, seed=s.stats.seed)
         paths = write_experiment_report(results, self.dir)
         self.log(f"[report] {paths['report']}")
         return results
