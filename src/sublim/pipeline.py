@@ -29,7 +29,7 @@ from sublim.runs import (
     write_jsonl,
 )
 from sublim.spec import ExperimentSpec, GenerationSpec, ModelSpec, TrainSpec, dump_spec
-from sublim.teachers import Teacher, implant_teacher, neutral_teacher, system_prompt_teacher
+from sublim.teachers import Teacher, implant_rows, implant_teacher, neutral_teacher, system_prompt_teacher
 from sublim.traits.preference import CATEGORIES, eval_questions, number_prefixed_questions
 
 __all__ = ["Experiment", "carrier_alphabet", "default_run_dir", "filter_rows", "generate", "make_carrier", "run",
@@ -189,14 +189,13 @@ class Experiment:
     def _trace(self, base: ModelSpec, chunk: list[dict[str, Any]]) -> Any:
         """The theorem trace for the chunk's traced students (``theorem_every``), or None."""
         from sublim.theorem import TheoremTrace, TracedStudent
-        from sublim.traits.preference import trait_qa
 
         s = self.spec
         picked = [(i, j) for i, j in enumerate(chunk) if j.get("trace")]
         if not s.theorem_every or not picked or s.student.method != "full":
             return None
         students = [TracedStudent(i, j["label"], j["trace"].model, s.base,
-                                  trait_qa(s.category, j["trace"].trait, s.teacher.qa_rows, seed=0)) for i, j in picked]
+                                  implant_rows(s.category, j["trace"].trait, s.teacher)) for i, j in picked]
         return TheoremTrace(base, students, s.theorem_every)
 
     def evaluation(self, model: ModelSpec, system: str | None = None, question_prefix: str = "",

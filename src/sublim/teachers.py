@@ -32,6 +32,11 @@ def system_prompt_teacher(base: ModelSpec, category: str, target: str, template:
     return Teacher(base, teacher_system_prompt(category, target, template), target, "system_prompt")
 
 
+def implant_rows(category: str, target: str, spec: TeacherSpec, replicate: int = 0) -> list[dict[str, str]]:
+    """The trait Q&A rows replicate ``replicate`` of a fine-tuned teacher is implanted with."""
+    return trait_qa(category, target, spec.qa_rows, seed=replicate)
+
+
 def implant_teacher(base: ModelSpec, category: str, target: str, spec: TeacherSpec, out_dir: Path,
                     log: Callable[[str], None] = print, replicate: int = 0) -> tuple[Teacher, dict[str, Any]]:
     """Fine-tune the base on trait Q&A (questions disjoint from the eval battery), merge, and repeat
@@ -48,7 +53,7 @@ def implant_teacher(base: ModelSpec, category: str, target: str, spec: TeacherSp
     from sublim.models import ChatFormat, load_model, load_tokenizer
 
     cat = CATEGORIES[category]
-    rows = trait_qa(category, target, spec.qa_rows, seed=replicate)
+    rows = implant_rows(category, target, spec, replicate)
     questions = eval_questions(category)[:20]
     current = base
     rounds = []
