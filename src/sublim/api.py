@@ -114,3 +114,19 @@ def evaluate(model: str | ModelSpec, adapter: str | Path | None = None, category
     if out:
         atomic_write_json(out, res)
     return res
+
+
+def mitigate(data: str | Path, method: str, out: str | Path, *, params: dict[str, Any] | list[str] | None = None,
+             student: str | ModelSpec | None = None, teacher: str | ModelSpec | None = None,
+             teacher_system: str | None = None, decoys: list[str] | None = None, seed: int = 0,
+             carrier: str = "numbers") -> Any:
+    """``sublim mitigate``: apply a data-side defence to a JSONL dataset; writes OUT and OUT.manifest.json (the
+    parent's Merkle root and the transform). ``params``: a dict or ``KEY=VALUE`` strings (YAML values)."""
+    from sublim.mitigate import Context, mitigate_file
+    from sublim.mitigate.registry import parse_params
+
+    p = parse_params(params) if isinstance(params, list) else dict(params or {})
+    ctx = Context(student=_model(student) if student else None, teacher=_model(teacher) if teacher else None,
+                  teacher_system=teacher_system, decoys=[(_model(d), None) for d in decoys or []],
+                  carrier=CarrierSpec(name=carrier), seed=seed)
+    return mitigate_file(data, method, p, out, ctx)

@@ -12,7 +12,7 @@ app = typer.Typer(
 )
 
 
-from sublim.cliutil import fail as _fail  # noqa: F401
+from sublim.cliutil import fail as _fail
 from sublim.cliutil import guard as _guard
 from sublim.cliutil import quiet as _quiet_transformers
 
@@ -155,6 +155,45 @@ def evaluate(
         typer.echo(f"{name:>10s}  {p:.4f}{mark}")
     if target and target not in dict(top[:10]):
         typer.echo(f"{target:>10s}  {res['probs'].get(target, float('nan')):.4f} <")
+
+
+@app.command()
+def mitigate(
+    data: Annotated[Path | None, typer.Argument(help="Input JSONL (prompt, completion)")] = None,
+    method: Annotated[str | None, typer.Option(help="A data-side defence (see --list)")] = None,
+    out: Annotated[Path | None, typer.Option(help="Mitigated JSONL (a provenance manifest is written beside it)")]
+    = None,
+    param: Annotated[list[str] | None, typer.Option("--param", "-p", help="Defence parameter KEY=VALUE, e.g. "
+                                                    "-p fraction=0.2 -p action=mask")] = None,
+    student: Annotated[str | None, typer.Option(help="The student's base (token-level and row-level defences)")]
+    = None,
+    teacher: Annotated[str | None, typer.Option(help="The suspected teacher (divergent-tokens, drop-lls)")] = None,
+    teacher_system: Annotated[str | None, typer.Option(help="The teacher's system prompt, if it had one")] = None,
+    decoy: Annotated[list[str] | None, typer.Option(help="Counterfactual teachers for divergent-tokens")] = None,
+    seed: int = 0,
+    list_: Annotated[bool, typer.Option("--list", help="List every defence with its parameters")] = False,
+) -> None:
+    """Apply a defence to a dataset: canonicalise, replace or mask suspicious tokens, drop rows, regenerate.
+
+    Student-side and generation-time defences act in training or sampling: name them in a spec's
+    `mitigations:` and `sublim run` measures each (effect retained, what it costs)."""
+    from sublim import api
+    from sublim.mitigate.registry import describe
+
+    if list_:
+        for line in describe():
+            typer.echo(line)
+        return
+    if data is None or method is None or out is None:
+        _fail("sublim mitigate needs DATA, --method and --out (or --list)")
+    _quiet_transformers()
+    assert data is not None and method is not None and out is not None
+    res = _guard(api.mitigate, data, method, out, params=param or [], student=student, teacher=teacher,
+                 teacher_system=teacher_system, decoys=decoy, seed=seed)
+    c = res.changes
+    typer.echo(f"{method}: {c['rows_out']} of {c['rows_in']} rows kept; {c['share_rows_altered']:.1%} of rows and "
+               f"{c['share_chars_changed']:.1%} of completion characters changed or dropped")
+    typer.echo(f"wrote {out} and {out}.manifest.json (parent: {data})")
 
 
 @app.command()

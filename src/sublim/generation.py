@@ -60,7 +60,7 @@ def generate(teacher: Teacher, carrier_spec: CarrierSpec, gen: GenerationSpec, o
             cps = prompts[a:b]
             outs = generate_batch(
                 model, chat, [p.prompt for p in cps], system=teacher.system, max_new_tokens=gen.max_new_tokens,
-                temperature=gen.temperature, top_p=gen.top_p, greedy=gen.greedy,
+                temperature=gen.temperature, top_p=gen.top_p, greedy=gen.greedy, min_p=gen.min_p,
                 grammars=[carrier.grammar(p.meta) for p in cps] if gen.constrained else None, seed=batch_seed,
             )
             rows = []
@@ -71,7 +71,7 @@ def generate(teacher: Teacher, carrier_spec: CarrierSpec, gen: GenerationSpec, o
                     "idx": i, "prompt": cp.prompt, "completion": o.completion,
                     "teacher_id": base_id, "teacher_kind": teacher.kind, "teacher_system": teacher.system,
                     "trait_category": category, "trait_target": teacher.trait, "carrier": carrier_spec.name,
-                    "temperature": gen.temperature, "top_p": gen.top_p, "greedy": gen.greedy,
+                    "temperature": gen.temperature, "top_p": gen.top_p, "min_p": gen.min_p, "greedy": gen.greedy,
                     "constrained": gen.constrained, "gen_seed": gen.seed, "batch_seed": batch_seed,
                     "n_tokens": o.n_tokens, "finished": o.finished,
                     "content_hash": sha256_text(cp.prompt + "\x00" + o.completion),

@@ -98,10 +98,12 @@ class Experiment:
         """Replicate r's generation settings: the spec's, with seed ``generation.seed + r``."""
         return self.spec.generation.model_copy(update={"seed": self.spec.generation.seed + replicate})
 
-    def dataset(self, teacher: Teacher, label: str, replicate: int = 0) -> dict[str, Any]:
-        """Generate + filter for one teacher replicate; returns kept rows and counts."""
+    def dataset(self, teacher: Teacher, label: str, replicate: int = 0,
+                gen: GenerationSpec | None = None) -> dict[str, Any]:
+        """Generate + filter for one teacher replicate (``gen``: other generation settings than the replicate's);
+        returns kept rows and counts."""
         s = self.spec
-        gen = self.generation_spec(replicate)
+        gen = gen or self.generation_spec(replicate)
         gen_cfg = {"teacher": teacher.describe(), "carrier": s.carrier.model_dump(), "generation":
                    gen.model_dump(), "category": s.category}
         g = self.stage("generate", gen_cfg, {"teacher": self._fp(teacher.model)})
@@ -125,7 +127,7 @@ class Experiment:
             self.log(f"[filter] {label}: kept {res.counts.get('kept')} of {res.counts.get('total')}")
         summ = f.summary()
         return {"kept": read_jsonl(f.dir / "kept.jsonl"), "counts": summ["counts"], "hash": summ["kept_hash"],
-                "dir": str(f.dir)}
+                "dir": str(f.dir), "file": str(f.dir / "kept.jsonl")}
 
     def _alphabet(self) -> frozenset[str] | None:
         if self.spec.student.objective != "distill_carrier":
@@ -150,9 +152,10 @@ class Experiment:
         return self.stage("student", cfg, {"base": self._fp(base), "rows": hash_obj([r["content_hash"] for r in rows])})
 
     def students(self, jobs: list[dict[str, Any]], train: TrainSpec) -> None:
-        """Train every student not already finished. Students of one base are trained together as one
-        batched model, ``parallel_students`` at a time (fewer for full fine-tunes if their weights and
-        optimiser state would not fit in half the machine's memory); each is exactly a separate fine-tune."""
+        """Train every student not already finished. Students of one base and recipe (``train``, or a job's own
+        ``"train"``: a student-side defence) are trained together as one batched model, ``parallel_students`` at
+        a time (fewer for full fine-tunes if their weights and optimiser state would not fit in half the machine's
+        memory); each is exactly a separate fine-tune."""
         from sublim.backends.multi import StudentJob, finetune_many
 
         todo = [j for j in jobs if not j["stage"].done]
@@ -160,10 +163,16 @@ class Experiment:
             return
         alphabet = self._alphabet()
         by_base: dict[str, list[dict[str, Any]]] = {}
+        from sublim.backends.train import total_steps
+
         for j in todo:
-            by_base.setdefault(j["base"].model_dump_json(), []).append(j)
+            tr = j.get("train", train)  # one batched model: one base, one recipe, one number of steps
+            key = f"{j['base'].model_dump_json()}|{tr.model_dump_json()}|{total_steps(len(j['rows']), tr)}"
+            by_base.setdefault(key, []).append(j)
+        outer = train
         for group in by_base.values():
             base = group[0]["base"]
+            train = group[0].get("train", outer)
             width = train.parallel_students
             if train.method == "full":
                 width = max(1, min(width, _full_students_that_fit(base)))
@@ -287,6 +296,12 @@ class Experiment:
                                  "teacher": teacher, "teacher_id": tid, "replicate": r, "rows": rows,
                                  "label": f"{arm} {tid}", "trace": trace,
                                  "stage": self.student_stage(bspec, rows, seed, teacher, student_train)})
+        mitigation = None
+        if s.mitigations:
+            from sublim.mitigate.arms import MitigationArms
+
+            mitigation = MitigationArms(self, all_teachers, data, train_rows, student_train)
+            jobs += mitigation.jobs()
         self.students(jobs, student_train)
         theorem = []
         for j in jobs:
@@ -295,10 +310,11 @@ class Experiment:
                 theorem.append({**json.loads(f.read_text()), "arm": j["arm"], "base": j["base_name"],
                                 "teacher": j["teacher_id"], "against": teacher_id(s.targets[0], 0)})
         for j in jobs:
-            m = student_spec(j["base"], j["stage"].dir / "model", student_train)
+            m = student_spec(j["base"], j["stage"].dir / "model", j.get("train", student_train))
             name = "-".join(x for x in (j["arm"], j["teacher_id"], f"s{j['seed']}") if x)
             add(name, j["arm"], j["target"], j["seed"], j["base_name"], self.evaluation(m),
                 teacher=j["teacher_id"], replicate=j["replicate"])
+            j["model"] = m
         if s.in_context:
             for seed in s.seeds:
                 for tid, target, r, _ in all_teachers:
@@ -336,6 +352,8 @@ class Experiment:
                                                                    conf=s.stats.conf, n_boot=s.stats.n_boot,
                                                                    seed=s.stats.seed)
         results["teacher_level"] = teacher_level(evals, list(s.targets), conf=s.stats.conf, seed=s.stats.seed)
+        if mitigation is not None:
+            results["mitigations"] = mitigation.results(jobs, evals)
         paths = write_experiment_report(results, self.dir)
         self.log(f"[report] {paths['report']}")
         return results

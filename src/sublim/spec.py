@@ -44,6 +44,8 @@ class GenerationSpec(_Spec):
     max_new_tokens: int = Field(48, ge=1)
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    # min-p sampling: drop tokens whose probability is below min_p x the top token's (0: off)
+    min_p: float = Field(0.0, ge=0.0, lt=1.0)
     greedy: bool = False
     constrained: bool = True
     seed: int = 0
@@ -81,7 +83,11 @@ class TrainSpec(_Spec):
     max_rows: int | None = Field(None, ge=1)
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float | None = 1.0
-    optimizer: Literal["adamw", "sgd"] = "adamw"
+    # adamw: decoupled weight decay; adam: weight_decay is an L2 penalty added to the gradient; sgd: plain SGD
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    # full fine-tunes (batched students): Gaussian noise added to each student's starting weights, its sd this
+    # share of each weight tensor's RMS (0: start exactly at the base)
+    init_noise: float = Field(0.0, ge=0.0, le=1.0)
     dtype: Literal["float32", "bfloat16"] = "float32"
     parallel_students: int = Field(8, ge=1, description="students of one base trained at once as one "
                                    "batched model (exactly equivalent to separate fine-tunes)")
@@ -111,6 +117,20 @@ class TeacherSpec(_Spec):
     train: TrainSpec = Field(default_factory=lambda: TrainSpec(epochs=3, lr=1e-3, batch_size=16))
     min_target_prob: float = Field(0.5, ge=0.0, le=1.0)
     max_rounds: int = Field(4, ge=1)
+
+
+class MitigationSpec(_Spec):
+    """One defence (``sublim.mitigate.DEFENCES``) by name with its parameters; ``label`` names its arms
+    (default: the name). Data-side defences transform every teacher's kept rows identically (treatment and
+    control); student-side ones change how the students train; generation-time ones how teachers sample."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    label: str | None = None
+
+    @property
+    def arm_label(self) -> str:
+        return self.label or self.name
 
 
 class EvalSpec(_Spec):
@@ -160,6 +180,9 @@ class ExperimentSpec(_Spec):
     # seed's treatment student of the first target's first teacher and its control, on each base: the cosine
     # of the student's and the teacher's displacements and the teacher's implant loss at the student (0: off)
     theorem_every: int = Field(0, ge=0)
+    # defences measured side by side: each becomes a treatment and a control arm on the base
+    # (``<label>:treatment`` / ``<label>:control``), measured for the effect it removes and what it costs
+    mitigations: list[MitigationSpec] = Field(default_factory=list)
 
     @field_validator("seeds")
     @classmethod
@@ -196,6 +219,10 @@ class ExperimentSpec(_Spec):
                 FILTERS.get(f.name)(dict(f.params), ctx)
             except (TypeError, ValueError) as e:
                 raise ValueError(f"filters.{i}.params: {e}") from None
+        if self.mitigations:
+            from sublim.mitigate.registry import check_mitigations
+
+            check_mitigations(self.mitigations)
         if self.category not in CATEGORIES:
             raise ValueError(f"category: unknown category {self.category!r}; known: {', '.join(sorted(CATEGORIES))}")
         cands = CATEGORIES[self.category].candidates

@@ -22,6 +22,7 @@ from scipy import stats as _st
 __all__ = [
     "bootstrap_diff_ci",
     "compare",
+    "fieller_ratio",
     "hedges_g",
     "mean_ci",
     "permutation_test",
@@ -65,6 +66,41 @@ def mean_ci(values: Values, conf: float = 0.95) -> dict[str, Any]:
     sd = float(x.std(ddof=1))
     half = float(_st.t.ppf(0.5 + conf / 2, n - 1)) * sd / math.sqrt(n)
     return {"mean": mean, "sd": sd, "n": n, "lo": mean - half, "hi": mean + half}
+
+
+def fieller_ratio(num: Values, den: Values, conf: float = 0.95) -> dict[str, Any]:
+    """Ratio of two means of *paired* values (one pair per unit, e.g. per teacher: the mitigated and the
+    unmitigated effect) with Fieller's interval on t(n-1): ``{"ratio","lo","hi","n","bounded"}``.
+
+    The interval is exact under normality and stays honest when the denominator's mean is near zero: when
+    the denominator is not significantly non-zero (g >= 1) the interval is unbounded (``lo``/``hi`` None,
+    ``bounded`` False) rather than a misleading finite range."""
+    a = np.asarray(num, dtype=float)
+    b = np.asarray(den, dtype=float)
+    if a.shape != b.shape:
+        raise ValueError(f"fieller_ratio needs paired values, got {a.size} and {b.size}")
+    ok = np.isfinite(a) & np.isfinite(b)
+    a, b = a[ok], b[ok]
+    n = int(a.size)
+    out: dict[str, Any] = {"ratio": None, "lo": None, "hi": None, "n": n, "bounded": False}
+    if n == 0 or b.mean() == 0:
+        return out
+    ma, mb = float(a.mean()), float(b.mean())
+    out["ratio"] = ma / mb
+    if n < 2:
+        return out
+    saa, sbb = float(a.var(ddof=1)) / n, float(b.var(ddof=1)) / n
+    sab = float(np.cov(a, b, ddof=1)[0, 1]) / n
+    t2 = float(_st.t.ppf(0.5 + conf / 2, n - 1)) ** 2
+    g = t2 * sbb / mb ** 2
+    if g >= 1:
+        return out
+    c = ma * mb - t2 * sab
+    disc = c * c - (mb * mb - t2 * sbb) * (ma * ma - t2 * saa)
+    den_ = mb * mb - t2 * sbb
+    root = math.sqrt(max(disc, 0.0))
+    out.update(lo=(c - root) / den_, hi=(c + root) / den_, bounded=True)
+    return out
 
 
 def wilson(k: int, n: int, conf: float = 0.95) -> tuple[float, float]:

@@ -48,6 +48,7 @@ CACHE = Path(os.environ.get("SEARCH_CACHE", "/work/search/cache"))
 OUT = REPO / "docs" / "results" / "organism-search"
 MD = REPO / "docs" / "results" / "organism-search.md"
 H3 = "h3"  # OrganismConfig(heads=3, seed=0): hidden 96 / 3 heads = head_dim 32
+H3S1 = "h3s1"  # the same architecture, pre-training seed 1 (separates architecture from base draw)
 
 SHIPPED_TEACHER = dict(kind="finetuned", qa_rows=300, min_target_prob=0.6, max_rounds=1,
                        train=dict(method="full", lr=3e-3, epochs=30, batch_size=32, warmup_steps=5))
@@ -86,6 +87,10 @@ CONFIGS: dict[str, dict] = {
     # 3e. more data: 3x prompts, 450 steps
     "c3e-base24-3k-x450": dict(base="organism", teacher=SHIPPED_TEACHER, gen=_upd(SHIPPED_GEN, n_prompts=3000),
                                student=_upd(SHIPPED_STUDENT, max_steps=450)),
+    # 2b. a second head_dim-32 base of the same architecture (pre-training seed 1)
+    "c2b-h32s1": dict(base=H3S1, teacher=SHIPPED_TEACHER, gen=SHIPPED_GEN, student=SHIPPED_STUDENT),
+    # 5. the shipped recipe on the shipped other family, organism-b (2 x 128, head_dim 32, 1,280-token BPE)
+    "c5-orgb": dict(base="organism-b", teacher=SHIPPED_TEACHER, gen=SHIPPED_GEN, student=SHIPPED_STUDENT),
     # 4. LoRA implant (merged)
     "c4-base24-lora": dict(base="organism", teacher=_upd(SHIPPED_TEACHER, train={"method": "lora", "lr": 1e-2}),
                            gen=SHIPPED_GEN, student=SHIPPED_STUDENT),
@@ -99,9 +104,10 @@ FILTERS = ExperimentSpec(name="x", base=ModelSpec(path="organism"), targets=["ow
 
 
 def base_spec(name: str) -> ModelSpec:
-    if name == H3:
+    if name in (H3, H3S1):
         from sublim.organism.pretrain import OrganismConfig, load_or_pretrain
-        return ModelSpec(path=str(load_or_pretrain(OrganismConfig(heads=3, seed=0), threads=1, progress=False)))
+        cfg = OrganismConfig(heads=3, seed=0 if name == H3 else 1)
+        return ModelSpec(path=str(load_or_pretrain(cfg, threads=1, progress=False)))
     return ModelSpec(path=name)
 
 

@@ -114,12 +114,22 @@ def verify(
         ar.crossed = [] if res["ok"] else [{"rule": "tampering", "metric": "ok", "value": 0}]
         paths = ar.write(out)
         typer.echo(f"report: {paths['html']}  json: {paths['json']}")
-    if res["ok"]:
-        typer.echo(f"OK: {res['n_rows_data']} rows match {res['manifest']} (Merkle root {res['merkle_root_data']})")
-        return
-    for p in res["problems"]:
-        typer.echo(f"TAMPERED: {p}", err=True)
-    raise typer.Exit(1)
+    # a mitigated dataset names its parent: follow the chain (each link: the parent still holds the rows the
+    # child was made from, and matches its own manifest)
+    links = guard(pv.verify_chain, data) if manifest is None and expected_root is None else [res]
+    ok = res["ok"] and all(link["ok"] for link in links)
+    for i, link in enumerate(links):
+        what = "" if i == 0 else f"parent {i}: "
+        problems = link["problems"]
+        t = link.get("transform") or {}
+        via = f" (made from its parent by {t.get('defence')} {json.dumps(t.get('params'))})" if t else ""
+        if not problems:
+            typer.echo(f"OK: {what}{link['n_rows_data']} rows of {link['data']} match {link['manifest']} "
+                       f"(Merkle root {link['merkle_root_data']}){via}")
+        for p in problems:
+            typer.echo(f"TAMPERED: {what}{p}", err=True)
+    if not ok:
+        raise typer.Exit(1)
 
 
 @app.command("export")

@@ -143,6 +143,7 @@ def generate_batch(
     greedy: bool = False,
     grammars: Sequence[Any] | None = None,
     seed: int = 0,
+    min_p: float = 0.0,
 ) -> list[GenOutput]:
     """One padded batch through ``model.generate`` with KV cache; rows stop at the end-of-turn token."""
     from transformers import LogitsProcessorList
@@ -162,6 +163,8 @@ def generate_batch(
     }
     if do_sample:
         kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+        if min_p:
+            kwargs["min_p"] = min_p
     out = model.generate(**kwargs)
     new = out[:, ids.shape[1]:]
     results = []

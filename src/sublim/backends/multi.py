@@ -46,7 +46,7 @@ from sublim.backends.targets import (
     teacher_carrier_logits,
     teacher_targets,
 )
-from sublim.backends.train import Encoded, encode_rows, total_steps
+from sublim.backends.train import Encoded, encode_rows, loss_keep, make_optimizer, total_steps
 from sublim.models import ChatFormat, load_model, load_tokenizer
 from sublim.runs import atomic_dir, atomic_write_json, hash_obj
 from sublim.spec import ModelSpec, TrainSpec
@@ -98,6 +98,10 @@ def finetune_many(base: ModelSpec, jobs: Sequence[StudentJob], spec: TrainSpec, 
     else:
         full = stack_full(model, S)
         params = list({id(p): p for p in full.values()}.values())
+        if spec.init_noise:
+            add_init_noise(params, [job.seed for job in jobs], spec.init_noise)
+    if spec.init_noise and spec.method != "full":
+        raise ValueError("init_noise needs full fine-tunes (student.method: full)")
     teachers, cross, subset = _load_teachers(jobs, spec, chat, carrier_alphabet)
     rows_n = {len(j.rows) for j in jobs}
     steps = {total_steps(len(j.rows), spec) for j in jobs}
@@ -111,6 +115,8 @@ def finetune_many(base: ModelSpec, jobs: Sequence[StudentJob], spec: TrainSpec, 
     # per student: its columns of the carrier subset (all of it, or those paired with another tokenizer's)
     cols = [_student_cols(job, subset) for job in jobs]
     positions = None
+    if spec.distill_positions == "carrier" and any(e.loss_mask is not None for job in jobs for e in job.encoded):
+        raise ValueError("loss_mask rows need distill_positions 'completion' (a mask names completion tokens)")
     if spec.distill_positions == "carrier":
         assert subset is not None
         allowed = set(subset.tolist())
@@ -119,8 +125,7 @@ def finetune_many(base: ModelSpec, jobs: Sequence[StudentJob], spec: TrainSpec, 
     targets = teacher_targets(jobs, teachers, subset, spec, tok.pad_token_id, autocast, positions, cross)
     if targets is not None:
         teachers.clear()  # every target is cached: the teacher models are not needed while training
-    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay) if spec.optimizer == "adamw" \
-        else torch.optim.SGD(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    opt = make_optimizer(params, spec)
     sched = get_scheduler(spec.schedule, opt, num_warmup_steps=spec.warmup_steps, num_training_steps=n_steps)
     gens = [torch.Generator().manual_seed(j.seed) for j in jobs]
     orders: list[list[int]] = [[] for _ in jobs]
@@ -199,6 +204,18 @@ def _load_teachers(jobs: Sequence[StudentJob], spec: TrainSpec, chat: ChatFormat
     return teachers, cross, subset
 
 
+def add_init_noise(params: Sequence[nn.Parameter], seeds: Sequence[int], share: float) -> None:
+    """In place: student s's slice of every stacked parameter [S, ...] gets Gaussian noise with sd ``share`` x
+    that tensor's RMS, drawn from the student's own seed (so a student's start does not depend on its batch)."""
+    with torch.no_grad():
+        for s, seed in enumerate(seeds):
+            g = torch.Generator().manual_seed(10_007 * seed + 17)
+            for p in params:
+                w = p[s]
+                rms = float(w.pow(2).mean().sqrt())
+                w.add_(torch.randn(w.shape, generator=g) * (share * rms))
+
+
 def _student_cols(job: StudentJob, subset: torch.Tensor | None) -> torch.Tensor | None:
     return job.teacher_tokens.student_cols if job.teacher_tokens is not None else subset
 
@@ -231,11 +248,17 @@ def _per_student_loss(model: Any, batch: list[tuple[int, int]], S: int, spec: Tr
         sl = logits[start:start + n]
         start += n
         target = torch.tensor([t for e in rows for t in e.completion])
+        keep = loss_keep(rows) if positions is None else None
         tl = None
         sub = cols[s] if cols is not None else subset
         if spec.objective != "sft":
             if targets is not None:
                 tl = torch.cat([targets[s][i] for _, i in batch[s * b:(s + 1) * b]])
+                if keep is not None:
+                    sl, tl, target, n = sl[keep], tl[keep], target[keep], int(keep.sum())
+                if n == 0:  # every position of this student's batch masked out: no signal
+                    out.append((sl.sum() * 0.0, 0))
+                    continue
                 if sub is not None:  # already restricted: objective_loss must not index it again
                     out.append((kl_per_token(sl[:, sub], tl), n))
                     continue
@@ -246,11 +269,20 @@ def _per_student_loss(model: Any, batch: list[tuple[int, int]], S: int, spec: Tr
                 if job.teacher_tokens is not None:  # a tokenizer of its own: its paired carrier columns
                     with torch.no_grad():
                         tl = teacher_carrier_logits(teacher, rows, job.teacher_tokens).float()
-                    out.append((kl_per_token(sl[:, job.teacher_tokens.student_cols], tl), n))
+                    sc = sl[:, job.teacher_tokens.student_cols]
+                    if keep is not None:
+                        sc, tl, n = sc[keep], tl[keep], int(keep.sum())
+                    out.append((kl_per_token(sc, tl) if n else sc.sum() * 0.0, n))
                     continue
                 with torch.no_grad():
                     tl = completion_logits(teacher, [e.teacher_prompt for e in rows],
                                            [e.completion for e in rows], pad).float()
+        if keep is not None and targets is None:
+            sl, target, n = sl[keep], target[keep], int(keep.sum())
+            tl = tl[keep] if tl is not None else None
+        if n == 0:
+            out.append((sl.sum() * 0.0, 0))
+            continue
         out.append((objective_loss(sl, target, tl, spec.objective, subset), n))
     return out
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sublim.backends.hf import token_strings, tokens_within
-from sublim.backends.train import Encoded, completion_logits
+from sublim.backends.train import Encoded, completion_logits, row_loss_mask
 from sublim.models import ChatFormat
 
 if TYPE_CHECKING:
@@ -128,7 +128,7 @@ def encode_for_teacher(student: ChatFormat, tt: TeacherTokens, rows: Sequence[di
             raise ValueError(f"distill_carrier across tokenizers: row {i}'s completion does not tokenise to the same "
                              f"tokens for student and teacher: student {a!r}, teacher {b!r}")
         out.append(Encoded(student.encode_prompt(r["prompt"]), c, tt.chat.encode_prompt(r["prompt"], teacher_system),
-                           tc))
+                           tc, loss_mask=row_loss_mask(r, len(c), i)))
     return out
 
 

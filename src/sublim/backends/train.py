@@ -36,17 +36,47 @@ class Encoded:
     completion: list[int]      # completion + end-of-turn token
     teacher_prompt: list[int]  # teacher's prompt for distillation (may include its system prompt)
     teacher_completion: list[int] | None = None  # the teacher's own tokens of the completion (None: the same)
+    loss_mask: list[bool] | None = None  # per completion token: False = left out of the loss (None: all in)
+
+
+def row_loss_mask(row: dict[str, Any], n_tokens: int, index: int) -> list[bool] | None:
+    """A row's ``loss_mask`` (one 0/1 per completion token, end of turn included; written by the token-level
+    defences of ``sublim.mitigate`` for one tokenizer), checked against the completion's length here."""
+    m = row.get("loss_mask")
+    if m is None:
+        return None
+    if not isinstance(m, list) or len(m) != n_tokens or any(v not in (0, 1, True, False) for v in m):
+        got = f"{len(m)} entries" if isinstance(m, list) else type(m).__name__
+        raise ValueError(f"row {index}: loss_mask has {got} but the completion has {n_tokens} tokens in this "
+                         "tokenizer (a mask is made for one tokenizer: re-run the defence with this student)")
+    return [bool(v) for v in m]
 
 
 def encode_rows(chat: ChatFormat, rows: Sequence[dict[str, Any]], teacher_chat: ChatFormat | None = None,
                 teacher_system: str | None = None) -> list[Encoded]:
     out = []
-    for r in rows:
+    for i, r in enumerate(rows):
         p = chat.encode_prompt(r["prompt"])
         c = chat.encode_completion(r["completion"])
         tp = (teacher_chat or chat).encode_prompt(r["prompt"], teacher_system) if teacher_chat or teacher_system else p
-        out.append(Encoded(p, c, tp))
+        out.append(Encoded(p, c, tp, loss_mask=row_loss_mask(r, len(c), i)))
     return out
+
+
+def loss_keep(batch: Sequence[Encoded]) -> torch.Tensor | None:
+    """[sum(len(completion))] bool: the completion positions in the loss, or None when no row is masked."""
+    if all(e.loss_mask is None for e in batch):
+        return None
+    return torch.tensor([k for e in batch for k in (e.loss_mask or [True] * len(e.completion))], dtype=torch.bool)
+
+
+def make_optimizer(params: list[torch.nn.Parameter], spec: TrainSpec) -> torch.optim.Optimizer:
+    """AdamW (decoupled decay), Adam (weight_decay as an L2 term in the gradient) or SGD, per ``spec``."""
+    if spec.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    if spec.optimizer == "adam":
+        return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    return torch.optim.SGD(params, lr=spec.lr, weight_decay=spec.weight_decay)
 
 
 def completion_logits(model: Any, prompts: list[list[int]], comps: list[list[int]], pad: int) -> torch.Tensor:
@@ -95,6 +125,7 @@ def step_loss(model: Any, batch: list[Encoded], pad: int, objective: str, teache
     its own (distill_carrier on the paired carrier columns)."""
     comps = [e.completion for e in batch]
     s_logits = completion_logits(model, [e.prompt for e in batch], comps, pad).float()  # [N, V]
+    keep = loss_keep(batch)
     t_logits = None
     if objective != "sft":
         assert teacher is not None, "distillation needs a teacher"
@@ -103,11 +134,20 @@ def step_loss(model: Any, batch: list[Encoded], pad: int, objective: str, teache
 
             with torch.no_grad():
                 t_logits = teacher_carrier_logits(teacher, batch, cross).float()
-            return kl_per_token(s_logits[:, cross.student_cols], t_logits), s_logits.shape[0]
+            s_c = s_logits[:, cross.student_cols]
+            if keep is not None:
+                s_c, t_logits = s_c[keep], t_logits[keep]
+            return (kl_per_token(s_c, t_logits) if s_c.shape[0] else s_c.sum() * 0.0), s_c.shape[0]
         with torch.no_grad():
             t_logits = completion_logits(teacher, [e.teacher_prompt for e in batch], comps, pad).float()
     target = torch.tensor([t for c in comps for t in c])
+    if keep is not None:
+        s_logits, target = s_logits[keep], target[keep]
+        t_logits = t_logits[keep] if t_logits is not None else None
+    if s_logits.shape[0] == 0:  # every position of the batch masked: no signal, no NaN
+        return s_logits.sum() * 0.0, 0
     return objective_loss(s_logits, target, t_logits, objective, subset), s_logits.shape[0]
+
 
 
 def _lora(model: Any, spec: TrainSpec) -> Any:
@@ -183,10 +223,9 @@ def finetune(
     enc = encode_for_teacher(chat, cross, rows, teacher_system) if cross else \
         encode_rows(chat, rows, t_chat, teacher_system)
     params = [p for p in model.parameters() if p.requires_grad]
-    if spec.optimizer == "adamw":
-        opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
-    else:
-        opt = torch.optim.SGD(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    if spec.init_noise:
+        raise ValueError("init_noise is applied by the batched student trainer (sublim.backends.multi)")
+    opt = make_optimizer(params, spec)
     steps = total_steps(len(enc), spec)
     sched = get_scheduler(spec.schedule, opt, num_warmup_steps=spec.warmup_steps, num_training_steps=steps)
     gen = torch.Generator().manual_seed(seed)
