@@ -409,6 +409,9 @@ def test_mitigation_arms_in_an_experiment(tiny_model: Path, tmp_path: Path) -> N
     a = res["mitigations"]["analysis"]
     assert set(a["targets"]["owl"]["defences"]) == {"drop-random", "weight-decay", "minp"}
     assert np.isclose(a["targets"]["owl"]["defences"]["drop-random"]["share_rows_altered"], 0.25, atol=0.05)
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert "Defences: effect retained and what it costs" in html and "drop-random" in html
+    assert (tmp_path / "run" / "fig_frontier_owl.png").stat().st_size > 1000
     done = {p.name for p in (tmp_path / "run" / "stages").iterdir()}
     res2 = run(spec, tmp_path / "run", log=lambda m: None, progress=False)
     assert {p.name for p in (tmp_path / "run" / "stages").iterdir()} == done

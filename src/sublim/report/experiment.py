@@ -371,7 +371,9 @@ def write_experiment_report(results: dict[str, Any], out_dir: str | Path) -> dic
     if verdict_sec:  # the claim is the verdict; the per-comparison sentences are the student-level detail
         sections += [s for s in (teacher_tables(res), _headline(res, "Comparisons one at a time (student level)"))
                      if s is not None]
-    sections += [s for s in (theorem_section(res, out),) if s is not None]
+    from sublim.report.mitigations import mitigation_section
+
+    sections += [s for s in (mitigation_section(res, out), theorem_section(res, out)) if s is not None]
     sections += [_comparison_table(res), _model_table(res), _data_section(res)]
     sections.append(Section("Resolved spec").pre(_dump(res.get("spec") or {})))
     sections.append(Section("Environment").pre(_dump(env)))
