@@ -50,6 +50,40 @@ def test_first_order_prediction_matches_a_real_step(tiny_model: Path) -> None:
     assert pred[0] > 0
 
 
+def test_distillation_scan_predicts_a_real_distillation_step(tiny_model: Path, tiny_model_b: Path) -> None:
+    """The owner's audit: the step is on the teacher's soft labels (distill_carrier) and the first-order
+    prediction matches a real SGD step of that objective; distilling the student's own labels predicts 0."""
+    from sublim.audit.common import AuditInputError
+    from sublim.backends.train import completion_logits, encode_rows, step_loss
+
+    probes = trait_probes("animals:owl,animals:cat", 4)
+    rows = _neutral(16, 5)
+    sc = GradientScanner(str(tiny_model), probes, batch_size=64, objective="distill_carrier", teacher=str(tiny_model_b))
+    pred = sc.score(rows)["dot"]
+
+    def f(p) -> float:
+        prompts = [sc.chat.encode_prompt(q) for q in p.questions]
+        ans = list(sc.chat.tokenizer(p.answer, add_special_tokens=False).input_ids)
+        with torch.no_grad():
+            lg = completion_logits(sc.model, prompts, [ans] * len(prompts), sc.pad).float()
+        return float(torch.log_softmax(lg, -1).gather(1, torch.tensor(ans * len(prompts))[:, None]).sum()) / len(prompts)
+
+    before = [f(p) for p in sc.probes]
+    loss, _ = step_loss(sc.model, encode_rows(sc.chat, rows), sc.pad, "distill_carrier", sc.teacher, sc.subset)
+    loss.backward()
+    eta = 1e-2
+    with torch.no_grad():
+        for p in sc.params:
+            p -= eta * p.grad
+    actual = [(f(p) - b) / eta for p, b in zip(sc.probes, before)]
+    assert actual == pytest.approx(pred.tolist(), rel=0.05, abs=1e-3)
+    assert any(abs(x) > 1e-3 for x in pred)
+    own = GradientScanner(str(tiny_model), probes, batch_size=64, objective="distill_carrier", teacher=str(tiny_model))
+    assert abs(own.score(rows)["dot"]).max() < 1e-6  # KL to itself: no gradient
+    with pytest.raises(AuditInputError, match="needs the teacher"):
+        GradientScanner(str(tiny_model), probes, objective="distill_carrier")
+
+
 def test_scan_ranks_the_trait_and_calibrates(scanner: GradientScanner, tiny_model: Path, tmp_path: Path) -> None:
     panel_data = {a: (a, trait_qa("animals", a, 32, seed=1)) for a in ("eagle", "wolf", "dolphin", "owl")}
     panel_data["neutral"] = (None, _neutral(32, 0))

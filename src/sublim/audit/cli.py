@@ -66,6 +66,11 @@ def scan(
     batch_size: Annotated[int, typer.Option(help="Rows per gradient batch (one per-batch estimate each)")] = 16,
     questions: Annotated[int, typer.Option(help="Probe questions per trait")] = 10,
     params: Annotated[str | None, typer.Option(help="Regex: only these parameters (default all)")] = None,
+    objective: Annotated[str, typer.Option(help="The step the student will take: sft (tokens; data and student "
+                                                "only) or distill_carrier / distill_full (the teacher's soft labels: "
+                                                "the owner's audit, needs --teacher)")] = "sft",
+    teacher: Annotated[str | None, typer.Option(help="The teacher whose soft labels the student distils")] = None,
+    teacher_system: Annotated[str | None, typer.Option(help="The teacher's system prompt, if prompted")] = None,
     fail_on: FailOn = None,
     out: Out = DEFAULT_OUT,
     threads: Annotated[int, typer.Option(help="torch threads")] = 1,
@@ -87,7 +92,8 @@ def scan(
         pan = guard(build_decoy_panel, student, cat, [t.strip() for t in build_panel.split(",") if t.strip()],
                     n_rows=panel_rows, method=panel_teacher, log=lambda m: typer.echo(m, err=True))
     res = guard(run, data, student, reference=reference, traits=traits, panel=pan, max_rows=max_rows,
-                batch_size=batch_size, n_questions=questions, params=params)
+                batch_size=batch_size, n_questions=questions, params=params, objective=objective, teacher=teacher,
+                teacher_system=teacher_system)
     finish(res, fail_on, out)
 
 
