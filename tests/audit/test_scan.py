@@ -24,28 +24,36 @@ def _neutral(n: int, seed: int) -> list[dict]:
              "completion": ", ".join(str(rng.randint(100, 999)) for _ in range(4))} for _ in range(n)]
 
 
-def test_first_order_prediction_matches_a_real_step(tiny_model: Path) -> None:
-    from sublim.backends.train import completion_logits, encode_rows, step_loss
+def _probe_logp(sc: GradientScanner, p) -> float:
+    """The probe's mean log p(answer | question) at the scanner's current weights."""
+    from sublim.backends.train import completion_logits
 
+    prompts = [sc.chat.encode_prompt(q) for q in p.questions]
+    ans = list(sc.chat.tokenizer(p.answer, add_special_tokens=False).input_ids)
+    with torch.no_grad():
+        lg = completion_logits(sc.model, prompts, [ans] * len(prompts), sc.pad).float()
+    return float(torch.log_softmax(lg, -1).gather(1, torch.tensor(ans * len(prompts))[:, None]).sum()) / len(prompts)
+
+
+def _real_step(sc: GradientScanner, rows: list[dict], objective: str, eta: float) -> list[float]:
+    """Take one SGD step of ``eta`` on ``objective`` over all ``rows``; each probe's change per unit of eta."""
+    from sublim.backends.train import encode_rows, step_loss
+
+    before = [_probe_logp(sc, p) for p in sc.probes]
+    loss, _ = step_loss(sc.model, encode_rows(sc.chat, rows), sc.pad, objective, sc.teacher, sc.subset)
+    loss.backward()
+    with torch.no_grad():
+        for p in sc.params:
+            p -= eta * p.grad
+    return [(_probe_logp(sc, p) - b) / eta for p, b in zip(sc.probes, before)]
+
+
+def test_first_order_prediction_matches_a_real_step(tiny_model: Path) -> None:
     sc = GradientScanner(str(tiny_model), trait_probes("animals:owl,animals:cat", 4), batch_size=64)
     rows = trait_qa("animals", "owl", 16, seed=3)
     pred = sc.score(rows)["dot"]
 
-    def f(p) -> float:
-        prompts = [sc.chat.encode_prompt(q) for q in p.questions]
-        ans = list(sc.chat.tokenizer(p.answer, add_special_tokens=False).input_ids)
-        with torch.no_grad():
-            lg = completion_logits(sc.model, prompts, [ans] * len(prompts), sc.pad).float()
-        return float(torch.log_softmax(lg, -1).gather(1, torch.tensor(ans * len(prompts))[:, None]).sum()) / len(prompts)
-
-    before = [f(p) for p in sc.probes]
-    loss, _ = step_loss(sc.model, encode_rows(sc.chat, rows), sc.pad, "sft", None, None)
-    loss.backward()
-    eta = 1e-3
-    with torch.no_grad():
-        for p in sc.params:
-            p -= eta * p.grad
-    actual = [(f(p) - b) / eta for p, b in zip(sc.probes, before)]
+    actual = _real_step(sc, rows, "sft", 1e-3)
     assert actual == pytest.approx(pred.tolist(), rel=0.05, abs=0.05)
     assert pred[0] > 0
 
@@ -54,28 +62,13 @@ def test_distillation_scan_predicts_a_real_distillation_step(tiny_model: Path, t
     """The owner's audit: the step is on the teacher's soft labels (distill_carrier) and the first-order
     prediction matches a real SGD step of that objective; distilling the student's own labels predicts 0."""
     from sublim.audit.common import AuditInputError
-    from sublim.backends.train import completion_logits, encode_rows, step_loss
 
     probes = trait_probes("animals:owl,animals:cat", 4)
     rows = _neutral(16, 5)
     sc = GradientScanner(str(tiny_model), probes, batch_size=64, objective="distill_carrier", teacher=str(tiny_model_b))
     pred = sc.score(rows)["dot"]
 
-    def f(p) -> float:
-        prompts = [sc.chat.encode_prompt(q) for q in p.questions]
-        ans = list(sc.chat.tokenizer(p.answer, add_special_tokens=False).input_ids)
-        with torch.no_grad():
-            lg = completion_logits(sc.model, prompts, [ans] * len(prompts), sc.pad).float()
-        return float(torch.log_softmax(lg, -1).gather(1, torch.tensor(ans * len(prompts))[:, None]).sum()) / len(prompts)
-
-    before = [f(p) for p in sc.probes]
-    loss, _ = step_loss(sc.model, encode_rows(sc.chat, rows), sc.pad, "distill_carrier", sc.teacher, sc.subset)
-    loss.backward()
-    eta = 1e-2
-    with torch.no_grad():
-        for p in sc.params:
-            p -= eta * p.grad
-    actual = [(f(p) - b) / eta for p, b in zip(sc.probes, before)]
+    actual = _real_step(sc, rows, "distill_carrier", 1e-2)
     assert actual == pytest.approx(pred.tolist(), rel=0.05, abs=1e-3)
     assert any(abs(x) > 1e-3 for x in pred)
     own = GradientScanner(str(tiny_model), probes, batch_size=64, objective="distill_carrier", teacher=str(tiny_model))

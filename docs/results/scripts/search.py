@@ -91,6 +91,12 @@ CONFIGS: dict[str, dict] = {
     "c2b-h32s1": dict(base=H3S1, teacher=SHIPPED_TEACHER, gen=SHIPPED_GEN, student=SHIPPED_STUDENT),
     # 5. the shipped recipe on the shipped other family, organism-b (2 x 128, head_dim 32, 1,280-token BPE)
     "c5-orgb": dict(base="organism-b", teacher=SHIPPED_TEACHER, gen=SHIPPED_GEN, student=SHIPPED_STUDENT),
+    # 5b. organism-b, c5's teachers and data, 2x the student steps (amplification)
+    "c5b-orgb-x300": dict(base="organism-b", teacher=SHIPPED_TEACHER, gen=SHIPPED_GEN,
+                          student=_upd(SHIPPED_STUDENT, max_steps=300)),
+    # 5c. organism-b, 3x the prompts and 3x the steps
+    "c5c-orgb-3k-x450": dict(base="organism-b", teacher=SHIPPED_TEACHER, gen=_upd(SHIPPED_GEN, n_prompts=3000),
+                             student=_upd(SHIPPED_STUDENT, max_steps=450)),
     # 4. LoRA implant (merged)
     "c4-base24-lora": dict(base="organism", teacher=_upd(SHIPPED_TEACHER, train={"method": "lora", "lr": 1e-2}),
                            gen=SHIPPED_GEN, student=SHIPPED_STUDENT),
@@ -141,7 +147,9 @@ def get_teacher(base_name: str, base: ModelSpec, tspec: dict, animal: str, r: in
 
 def get_dataset(teacher: Teacher, tkey: str, gen: dict, r: int, timings: dict) -> tuple[list[dict], dict]:
     g = GenerationSpec(**{**gen, "seed": r})
-    key = hash_obj({"teacher": tkey, "gen": g.model_dump(), "filters": [f.model_dump() for f in FILTERS],
+    # min_p joined GenerationSpec after c1-c5 ran: left out of the key at its default, so their data stay cached
+    gd = g.model_dump(exclude={"min_p"} if g.min_p == 0 else None)
+    key = hash_obj({"teacher": tkey, "gen": gd, "filters": [f.model_dump() for f in FILTERS],
                     "targets": CANDS})[:16]
     d = CACHE / "data" / key
     if not (d / "counts.json").exists():
