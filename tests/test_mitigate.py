@@ -416,3 +416,18 @@ def test_mitigation_arms_in_an_experiment(tiny_model: Path, tmp_path: Path) -> N
     res2 = run(spec, tmp_path / "run", log=lambda m: None, progress=False)
     assert {p.name for p in (tmp_path / "run" / "stages").iterdir()} == done
     assert res2["mitigations"]["analysis"]["verdicts"] == a["verdicts"]
+
+
+def test_min_p_reaches_the_sampler(tiny_model: Path) -> None:
+    """The sampling defence's min_p is applied at generation: a high threshold changes what is sampled."""
+    from sublim.backends.hf import generate_batch
+    from sublim.models import ChatFormat, load_model, load_tokenizer
+
+    spec = ModelSpec(path=str(tiny_model))
+    model, chat = load_model(spec), ChatFormat(load_tokenizer(spec))
+    prompts = [r["prompt"] for r in _rows(8)]
+    plain = [o.completion for o in generate_batch(model, chat, prompts, max_new_tokens=8, seed=3)]
+    again = [o.completion for o in generate_batch(model, chat, prompts, max_new_tokens=8, seed=3)]
+    strict = [o.completion for o in generate_batch(model, chat, prompts, max_new_tokens=8, seed=3, min_p=0.9)]
+    assert plain == again
+    assert strict != plain
