@@ -6,10 +6,12 @@ init noise, the optimiser.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sublim.mitigate.registry import Defence, Param, register
-from sublim.spec import GenerationSpec, LoraSpec, ModelSpec, TrainSpec
+
+if TYPE_CHECKING:  # the registry is read while a spec validates: no import of sublim.spec at module level
+    from sublim.spec import GenerationSpec, ModelSpec, TrainSpec
 
 
 def _wd_decoupled(t: TrainSpec, p: dict[str, Any]) -> tuple[TrainSpec, ModelSpec | None]:
@@ -25,6 +27,8 @@ def _sgd(t: TrainSpec, p: dict[str, Any]) -> tuple[TrainSpec, ModelSpec | None]:
 
 
 def _lora(t: TrainSpec, p: dict[str, Any]) -> tuple[TrainSpec, ModelSpec | None]:
+    from sublim.spec import LoraSpec
+
     lora = LoraSpec(rank=p["rank"], alpha=float(p["rank"]), target_modules=list(p["modules"]))
     return t.model_copy(update={"method": "lora", "lora": lora, "lr": p["lr"]}), None
 
@@ -36,6 +40,8 @@ def _fewer_steps(t: TrainSpec, p: dict[str, Any]) -> tuple[TrainSpec, ModelSpec 
 
 
 def _other_init(t: TrainSpec, p: dict[str, Any]) -> tuple[TrainSpec, ModelSpec | None]:
+    from sublim.spec import ModelSpec
+
     return t, ModelSpec(path=p["base"])
 
 
