@@ -382,6 +382,10 @@ def test_effect_retained_from_evaluations() -> None:
     assert row["distillation_kept"]["ratio"] == pytest.approx(1.4 / 1.8)
     assert row["chat_loss_change"]["mean"] == pytest.approx(0.0)
     assert res["verdicts"][0].startswith("d: effect retained 0.15")
+    # a second target's students do not leak into the first one's costs
+    more = evals + [{**ev("treatment", "owl#0", 0, 0.08, 9.0), "teacher": "eagle#0", "target": "eagle"}]
+    again = analyse(more, arms, ["owl"], base_costs)["targets"]["owl"]
+    assert again["unmitigated"]["teacher_kl"]["mean"] == pytest.approx(0.25)
 
 
 def test_mitigation_arms_in_an_experiment(tiny_model: Path, tmp_path: Path) -> None:

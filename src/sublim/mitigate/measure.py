@@ -23,11 +23,13 @@ import numpy as np
 from sublim.stats import fieller_ratio, mean_ci
 
 
-def _by_teacher(evals: Sequence[dict[str, Any]], arm: str, target: str, key: Any) -> dict[str, float]:
-    """teacher id -> mean over its students of ``key(eval)`` in ``arm`` (None values skipped)."""
+def _by_teacher(evals: Sequence[dict[str, Any]], arm: str, target: str, key: Any,
+                own: bool = False) -> dict[str, float]:
+    """teacher id -> mean over its students of ``key(eval)`` in ``arm`` (None values skipped); ``own``: only the
+    teachers of ``target`` (costs are per teacher of the target, not pooled over targets)."""
     acc: dict[str, list[float]] = {}
     for e in evals:
-        if e.get("arm") != arm:
+        if e.get("arm") != arm or (own and not str(e.get("teacher")).startswith(f"{target}#")):
             continue
         v = key(e)
         if v is not None:
@@ -37,6 +39,10 @@ def _by_teacher(evals: Sequence[dict[str, Any]], arm: str, target: str, key: Any
 
 def _p(target: str) -> Any:
     return lambda e: (e.get("probs") or {}).get(target)
+
+
+def _costs(evals: Sequence[dict[str, Any]], arm: str, target: str, name: str) -> dict[str, float]:
+    return _by_teacher(evals, arm, target, _cost(name), own=True)
 
 
 def _cost(name: str) -> Any:
@@ -72,9 +78,9 @@ def analyse(evals: Sequence[dict[str, Any]], arms: Sequence[dict[str, Any]], tar
     out: dict[str, Any] = {"conf": conf, "targets": {}, "gamma": None}
     for t in targets:
         d_un = effect_pairs(evals, t, "treatment", "control")
-        kl_un = _by_teacher(evals, "treatment", t, _cost("teacher_kl"))
-        chat_un = _by_teacher(evals, "treatment", t, _cost("chat_loss"))
-        pers_un = _by_teacher(evals, "treatment", t, _cost("persona"))
+        kl_un = _costs(evals, "treatment", t, "teacher_kl")
+        chat_un = _costs(evals, "treatment", t, "chat_loss")
+        pers_un = _costs(evals, "treatment", t, "persona")
         kl_base: dict[str, float] = {tid: float(c["teacher_kl"]) for tid, c in base_costs.items()
                                      if tid.startswith(f"{t}#") and c.get("teacher_kl") is not None}
         un_rows = [_teacher_p(evals, "treatment", "control", t)]
@@ -83,12 +89,12 @@ def analyse(evals: Sequence[dict[str, Any]], arms: Sequence[dict[str, Any]], tar
             lab = a["label"]
             d_m = effect_pairs(evals, t, f"{lab}:treatment", f"{lab}:control")
             num, den = _paired(d_m, d_un)
-            kl_m = _by_teacher(evals, f"{lab}:treatment", t, _cost("teacher_kl"))
+            kl_m = _costs(evals, f"{lab}:treatment", t, "teacher_kl")
             keys = sorted(set(kl_m) & set(kl_un) & set(kl_base))
             kept_num = [kl_base[k] - kl_m[k] for k in keys]
             kept_den = [kl_base[k] - kl_un[k] for k in keys]
-            chat_m = _by_teacher(evals, f"{lab}:treatment", t, _cost("chat_loss"))
-            pers_m = _by_teacher(evals, f"{lab}:treatment", t, _cost("persona"))
+            chat_m = _costs(evals, f"{lab}:treatment", t, "chat_loss")
+            pers_m = _costs(evals, f"{lab}:treatment", t, "persona")
             chg = [c for tid, c in (a.get("changes") or {}).items() if tid.startswith(f"{t}#")]
             tdef[lab] = {
                 "name": a["name"], "kind": a["kind"], "params": a["params"],
