@@ -378,8 +378,8 @@ def test_effect_retained_from_evaluations() -> None:
     res = analyse(evals, arms, ["owl"], base_costs)
     row = res["targets"]["owl"]["defences"]["d"]
     assert row["retained"]["ratio"] == pytest.approx(0.0075 / 0.05)
-    # distillation kept: (1.0 - 0.4 + 1.3 - 0.5) / (1.0 - 0.2 + 1.3 - 0.3) = 1.4 / 1.8
-    assert row["distillation_kept"]["ratio"] == pytest.approx(1.4 / 1.8)
+    # distillation kept, per teacher: (1.0 - 0.4) / (1.0 - 0.2) = 0.75 and (1.3 - 0.5) / (1.3 - 0.3) = 0.8
+    assert row["distillation_kept"]["ratio"] == pytest.approx((0.75 + 0.8) / 2)
     assert row["chat_loss_change"]["mean"] == pytest.approx(0.0)
     assert res["verdicts"][0].startswith("d: effect retained 0.15")
     # a second target's students do not leak into the first one's costs

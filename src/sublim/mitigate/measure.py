@@ -8,9 +8,9 @@ from zero: a defence cannot be credited with removing an effect that was not the
 the confusion-matrix gamma of the mitigated arms over the unmitigated gamma (point estimate).
 
 Costs, per treatment student, averaged within a teacher, then compared with the unmitigated students of the same
-teacher: **distillation kept** = (KL_base - KL_mit) / (KL_base - KL_unmit), KL = per-token KL(teacher || model) on
-fresh number prompts (1: as close to the teacher as without the defence; 0: no closer than the untrained base),
-with Fieller's interval; the KL ratio itself; the change in held-out chat loss and in persona following (mean
+teacher: **distillation kept** = (KL_base - KL_mit) / (KL_base - KL_unmit) per teacher, KL = per-token KL(teacher ||
+model) on fresh number prompts (1: as close to the teacher as without the defence; 0: no closer than the untrained
+base), mean and t-interval over teachers; the KL ratio itself; the change in held-out chat loss and in persona following (mean
 and t-interval over teachers); data changed (share of rows altered or dropped, of characters changed).
 """
 from __future__ import annotations
@@ -100,7 +100,7 @@ def analyse(evals: Sequence[dict[str, Any]], arms: Sequence[dict[str, Any]], tar
                 "name": a["name"], "kind": a["kind"], "params": a["params"],
                 "effect_mitigated": _ci(mean_ci(list(d_m.values()), conf)),
                 "retained": fieller_ratio(num, den, conf),
-                "distillation_kept": fieller_ratio(kept_num, kept_den, conf),
+                "distillation_kept": _ratio_of_teachers(kept_num, kept_den, conf),
                 "teacher_kl": _ci(mean_ci([kl_m[k] for k in keys], conf)),
                 "teacher_kl_ratio": fieller_ratio([kl_m[k] for k in keys], [kl_un[k] for k in keys], conf),
                 "chat_loss_change": _ci(mean_ci([chat_m[k] - chat_un[k] for k in sorted(set(chat_m) & set(chat_un))],
@@ -122,6 +122,15 @@ def analyse(evals: Sequence[dict[str, Any]], arms: Sequence[dict[str, Any]], tar
         out["gamma"] = _gamma(evals, arms, targets, conf)
     out["verdicts"] = verdicts(out, arms)
     return out
+
+
+def _ratio_of_teachers(num: list[float], den: list[float], conf: float) -> dict[str, Any]:
+    """Mean over teachers of each teacher's own ratio, t-interval across teachers, in fieller_ratio's shape. For
+    distillation kept each denominator (KL_base - KL_unmitigated) is far from zero, so per-teacher ratios are
+    stable; a ratio of means would let the teachers' very different distances from the base dominate."""
+    r = [a / b for a, b in zip(num, den, strict=True) if b]
+    m = mean_ci(r, conf)
+    return {"ratio": m["mean"], "lo": m["lo"], "hi": m["hi"], "n": m["n"], "bounded": m["lo"] is not None}
 
 
 def _teacher_p(evals: Sequence[dict[str, Any]], t_arm: str, c_arm: str, target: str) -> list[dict[str, Any]]:

@@ -106,7 +106,7 @@ def mitigation_section(res: dict[str, Any], out_dir: Path) -> Section | None:
                       "n/a" if v["retained"] is None else f"{v['retained']:.2f}"] for lab, v in g["defences"].items()])
     sec.text("Effect retained = mean over teachers of the mitigated effect / mean of the unmitigated one (P(target) of "
              "a teacher's students minus its matched neutral teacher's students), Fieller interval on teachers - 1 "
-             "df: unbounded when the unmitigated effect is itself not distinguishable from zero. Distillation kept = "
+             "df: unbounded when the unmitigated effect is itself not distinguishable from zero. Distillation kept (per teacher, t-interval) = "
              "(KL_base - KL_mitigated) / (KL_base - KL_unmitigated), KL(teacher || student) per token over the "
              "carrier's tokens on fresh number prompts answered by the student's own teacher. Chat loss: held-out "
              "organism conversations; persona: mean P(candidate) under its persona prompt. The defence is applied "
