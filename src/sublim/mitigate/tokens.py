@@ -39,16 +39,13 @@ def _load(spec: Any) -> tuple[Any, Any]:
     return load_model(spec), ChatFormat(load_tokenizer(spec))
 
 
-def _same_vocab(a: Any, b: Any) -> bool:
-    return len(a.tokenizer) == len(b.tokenizer) and a.tokenizer.get_vocab() == b.tokenizer.get_vocab()
-
-
 def score_tokens(rows: list[dict[str, Any]], ctx: Any, mode: str, keep_base: bool) -> tuple[list[_RowTokens], list[str]]:
     """Per row: its completion tokens, digit positions and their scores (and the base's digit-token log-probs
     when a replacement will be drawn from them). Returns (rows, the digit tokens' strings)."""
     import torch
 
     from sublim.backends.hf import token_strings
+    from sublim.backends.targets import same_tokenizer
     from sublim.backends.train import completion_logits
 
     base, chat = _load(ctx.student)
@@ -61,7 +58,7 @@ def score_tokens(rows: list[dict[str, Any]], ctx: Any, mode: str, keep_base: boo
     if mode == "divergence":
         for spec, system, what in [(ctx.teacher, ctx.teacher_system, "teacher")] + [(d, ds, "decoy") for d, ds in ctx.decoys]:
             m, c = _load(spec)
-            if not _same_vocab(chat, c):
+            if not same_tokenizer(chat.tokenizer, c.tokenizer):
                 raise MitigationError(f"{what} {spec.path}: its tokenizer differs from the student's; divergence tokens "
                                       "need a shared tokenizer (use base-shift-tokens)")
             others.append((m, c, system))
