@@ -142,6 +142,11 @@ def load_model(spec: ModelSpec, dtype: str | None = None, trainable: bool = Fals
     return model
 
 
+def load_chat_model(spec: ModelSpec, dtype: str | None = None, trainable: bool = False) -> tuple[Any, ChatFormat]:
+    """The model and its chat format (tokenizer + template), the pair every scorer needs."""
+    return load_model(spec, dtype=dtype, trainable=trainable), ChatFormat(load_tokenizer(spec))
+
+
 def _hub_message(name: str, e: Exception) -> str:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return f"model {name!r}: not a local directory and could not be fetched from the hub ({first})"

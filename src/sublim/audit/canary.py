@@ -47,11 +47,10 @@ def battery(model_spec_: Any, categories: Sequence[str], n_questions: int | None
             batch_size: int = 8) -> dict[str, float]:
     """Mean exact P(candidate) over each category's question battery: ``{"animals:owl": p, ...}``."""
     from sublim.evaluate import exact_probs
-    from sublim.models import ChatFormat, load_model, load_tokenizer
+    from sublim.models import load_chat_model
     from sublim.traits.preference import CATEGORIES, eval_questions
 
-    model = load_model(model_spec_)
-    chat = ChatFormat(load_tokenizer(model_spec_))
+    model, chat = load_chat_model(model_spec_)
     out: dict[str, float] = {}
     for cat in categories:
         c = CATEGORIES[cat]

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from sublim.audit.common import AuditInputError, AuditResult, as_rows, model_spec
+from sublim.models import load_chat_model
 from sublim.report.html import Section
 
 
@@ -66,12 +67,6 @@ def token_stats(model: Any, chat: Any, rows: Sequence[dict[str, Any]], system: s
     return out
 
 
-def _load(spec: Any) -> tuple[Any, Any]:
-    from sublim.models import ChatFormat, load_model, load_tokenizer
-
-    return load_model(spec), ChatFormat(load_tokenizer(spec))
-
-
 def _tok_str(tok: Any, i: int) -> str:
     return str(tok.decode([int(i)]))
 
@@ -91,11 +86,11 @@ def score_rows(data: str | Path | Sequence[dict[str, Any]], student: Any, *, tea
     if not 0 < top <= 1:
         raise AuditInputError(f"--top must be in (0, 1], got {top}")
     s_spec = model_spec(student, what="student")
-    s_model, s_chat = _load(s_spec)
+    s_model, s_chat = load_chat_model(s_spec)
     mode = "teacher" if teacher is not None else "teacher_free"
     if mode == "teacher":
         t_spec = model_spec(teacher, what="teacher")
-        t_model, t_chat = _load(t_spec)
+        t_model, t_chat = load_chat_model(t_spec)
         if not _same_vocab(s_chat, t_chat):
             raise AuditInputError("teacher and student tokenizers differ; per-token likelihood ratios need a shared "
                                   "tokenizer (use the teacher-free score instead)")

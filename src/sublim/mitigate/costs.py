@@ -79,11 +79,10 @@ def _organism_config(base: ModelSpec) -> dict[str, Any] | None:
 def chat_loss(model: ModelSpec, conversations: Sequence[list[dict[str, str]]], batch_size: int = 50) -> float:
     """Mean per-token cross-entropy of the last assistant turn of each conversation (its end of turn included)."""
     from sublim.backends.train import completion_logits
-    from sublim.models import ChatFormat, load_model, load_tokenizer
+    from sublim.models import load_chat_model
 
-    tok = load_tokenizer(model)
-    chat = ChatFormat(tok)
-    m = load_model(model)
+    m, chat = load_chat_model(model)
+    tok = chat.tokenizer
     total, n = 0.0, 0
     for a in range(0, len(conversations), batch_size):
         conv = conversations[a: a + batch_size]

@@ -20,7 +20,7 @@ def _regenerate(rows: list[dict[str, Any]], p: dict[str, Any], ctx: Any) -> tupl
                               "teacher for its soft labels)")
     from sublim.backends.hf import generate_batch
     from sublim.generation import make_carrier
-    from sublim.models import ChatFormat, load_model, load_tokenizer, model_id
+    from sublim.models import load_chat_model, model_id
     from sublim.spec import ModelSpec
 
     carrier = make_carrier(ctx.carrier)
@@ -33,7 +33,7 @@ def _regenerate(rows: list[dict[str, Any]], p: dict[str, Any], ctx: Any) -> tupl
         except ValueError as e:
             raise MitigationError(f"row {i}: {e}") from None
     spec = ModelSpec(path=p["model"])
-    model, chat = load_model(spec), ChatFormat(load_tokenizer(spec))
+    model, chat = load_chat_model(spec)
     mid = model_id(spec)
     new: dict[int, str] = {}
     for a in range(0, len(pick), ctx.batch_size):

@@ -33,12 +33,6 @@ class _RowTokens:
     base_logp: np.ndarray | None   # [len(eligible), n_digit_tokens] base log-probs over the digit tokens
 
 
-def _load(spec: Any) -> tuple[Any, Any]:
-    from sublim.models import ChatFormat, load_model, load_tokenizer
-
-    return load_model(spec), ChatFormat(load_tokenizer(spec))
-
-
 def score_tokens(rows: list[dict[str, Any]], ctx: Any, mode: str, keep_base: bool) -> tuple[list[_RowTokens], list[str]]:
     """Per row: its completion tokens, digit positions and their scores (and the base's digit-token log-probs
     when a replacement will be drawn from them). Returns (rows, the digit tokens' strings)."""
@@ -47,8 +41,9 @@ def score_tokens(rows: list[dict[str, Any]], ctx: Any, mode: str, keep_base: boo
     from sublim.backends.hf import token_strings
     from sublim.backends.targets import same_tokenizer
     from sublim.backends.train import completion_logits
+    from sublim.models import load_chat_model
 
-    base, chat = _load(ctx.student)
+    base, chat = load_chat_model(ctx.student)
     strings = token_strings(chat.tokenizer)
     digit_ids = [i for i, s in enumerate(strings) if s and s.isascii() and s.isdigit()]
     if not digit_ids:
@@ -57,11 +52,11 @@ def score_tokens(rows: list[dict[str, Any]], ctx: Any, mode: str, keep_base: boo
     others: list[tuple[Any, Any, str | None]] = []
     if mode == "divergence":
         for spec, system, what in [(ctx.teacher, ctx.teacher_system, "teacher")] + [(d, ds, "decoy") for d, ds in ctx.decoys]:
-            m, c = _load(spec)
-            if not same_tokenizer(chat.tokenizer, c.tokenizer):
+            m, oc = load_chat_model(spec)
+            if not same_tokenizer(chat.tokenizer, oc.tokenizer):
                 raise MitigationError(f"{what} {spec.path}: its tokenizer differs from the student's; divergence tokens "
                                       "need a shared tokenizer (use base-shift-tokens)")
-            others.append((m, c, system))
+            others.append((m, oc, system))
     pad = chat.tokenizer.pad_token_id
     out: list[_RowTokens] = []
     with torch.inference_mode():
