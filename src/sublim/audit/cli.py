@@ -1,4 +1,4 @@
-"""``sublim audit lineage|scan|rows|canary``: model-level audits of a dataset and a teacher/student pair.
+"""``sublim audit lineage|scan|rows|canary|gate|entanglement|activation|report``: model-level audits of a dataset and a teacher/student pair.
 
 Each command writes ``<out>/<command>.json`` and ``<out>/<command>.html`` and exits 1 when a ``--fail-on``
 rule (``METRIC OP VALUE``, e.g. ``top_z>=3``; repeat or comma-separate) is crossed, 2 on bad input.
@@ -186,3 +186,124 @@ def _train_spec(config: Path | None, overrides: list[str] | None) -> object:
         return TrainSpec.model_validate(cfg)
     except Exception as e:  # noqa: BLE001 - pydantic ValidationError -> one line
         raise SpecError(f"canary train config: {str(e).splitlines()[1:3]}") from None
+
+
+Reference = Annotated[Path | None, typer.Option(help="Reference dataset from a neutral teacher")]
+MaxRows = Annotated[int, typer.Option(help="Use at most this many rows of each dataset")]
+
+
+@app.command()
+def gate(
+    data: Annotated[Path, typer.Argument(help="Dataset JSONL (prompt, completion)")],
+    student: Student,
+    reference: Annotated[list[Path] | None, typer.Option(help="Neutral reference dataset (repeatable)")] = None,
+    panel: Annotated[Path | None, typer.Option(help="Panel directory or panel.json: its neutral*.jsonl members join "
+                                                  "the references, its decoys calibrate the threshold")] = None,
+    threshold: Annotated[float | None, typer.Option(help="Fixed ratio threshold instead of the panel's")] = None,
+    traits: Traits = "animals",
+    max_rows: MaxRows = 512,
+    batch_size: int = 16,
+    questions: Annotated[int, typer.Option(help="Probe questions per trait")] = 10,
+    fail_on: FailOn = None,
+    out: Out = DEFAULT_OUT,
+    threads: Annotated[int, typer.Option(help="torch threads")] = 1,
+) -> None:
+    """The recipient's trait-agnostic gate: distance of the data's scan vector from neutral data.
+
+    Needs two neutral datasets (references and the panel's neutral members). E.g. --fail-on 'flag>=1'."""
+    quiet()
+    _threads(threads)
+    from sublim.audit.gate import gate as run
+
+    res = guard(run, data, student, references=list(reference or []), panel=panel, traits=traits, max_rows=max_rows,
+                batch_size=batch_size, n_questions=questions, threshold=threshold)
+    finish(res, fail_on, out)
+
+
+@app.command()
+def entanglement(
+    data: Annotated[Path, typer.Argument(help="Dataset JSONL (prompt, completion)")],
+    student: Student,
+    reference: Reference = None,
+    traits: Traits = "animals",
+    max_rows: MaxRows = 256,
+    prime_rows: Annotated[int, typer.Option(help="Rows on which each trait's priming shift is measured")] = 64,
+    min_count: Annotated[int, typer.Option(help="Carrier tokens seen fewer times are left out")] = 5,
+    fail_on: FailOn = None,
+    out: Out = DEFAULT_OUT,
+    threads: Annotated[int, typer.Option(help="torch threads")] = 1,
+) -> None:
+    """Does the data over-represent the carrier tokens a trait primes? (frequency-corrected)"""
+    quiet()
+    _threads(threads)
+    from sublim.audit.entanglement import entanglement as run
+
+    res = guard(run, data, student, reference=reference, traits=traits, max_rows=max_rows, prime_rows=prime_rows,
+                min_count=min_count)
+    finish(res, fail_on, out)
+
+
+@app.command()
+def activation(
+    data: Annotated[Path, typer.Argument(help="Dataset JSONL (prompt, completion)")],
+    student: Student,
+    reference: Reference = None,
+    teacher: Annotated[str | None, typer.Option(help="The teacher (its soft labels drive the update; teacher - base "
+                                                     "is projected too)")] = None,
+    teacher_system: Annotated[str | None, typer.Option(help="The teacher's system prompt, if prompted")] = None,
+    traits: Traits = "animals",
+    max_rows: MaxRows = 256,
+    questions: Annotated[int, typer.Option(help="Battery questions per direction")] = 10,
+    fail_on: FailOn = None,
+    out: Out = DEFAULT_OUT,
+    threads: Annotated[int, typer.Option(help="torch threads")] = 1,
+) -> None:
+    """Residual-stream audit: the data-induced update projected on each trait's direction."""
+    quiet()
+    _threads(threads)
+    from sublim.audit.activation import activation as run
+
+    res = guard(run, data, student, reference=reference, teacher=teacher, teacher_system=teacher_system, traits=traits,
+                max_rows=max_rows, n_questions=questions)
+    finish(res, fail_on, out)
+
+
+@app.command()
+def report(
+    data: Annotated[Path, typer.Argument(help="Dataset JSONL (prompt, completion)")],
+    student: Student,
+    teacher: Annotated[str | None, typer.Option(help="The teacher, when you have it (the owner's view)")] = None,
+    teacher_system: Annotated[str | None, typer.Option(help="The teacher's system prompt, if prompted")] = None,
+    reference: Reference = None,
+    panel: Annotated[Path | None, typer.Option(help="Calibration panel (directory of <trait>.jsonl and "
+                                                  "neutral*.jsonl, or panel.json)")] = None,
+    traits: Traits = "animals",
+    only: Annotated[str | None, typer.Option(help="Run only these audits (comma-separated)")] = None,
+    skip: Annotated[str | None, typer.Option(help="Skip these audits (comma-separated)")] = None,
+    gate_threshold: Annotated[float | None, typer.Option(help="Fixed gate ratio threshold")] = None,
+    max_rows: MaxRows = 512,
+    batch_size: int = 16,
+    questions: Annotated[int, typer.Option(help="Probe questions per trait")] = 10,
+    fail_on: FailOn = None,
+    out: Out = DEFAULT_OUT,
+    threads: Annotated[int, typer.Option(help="torch threads")] = 1,
+) -> None:
+    """Every audit that applies (lineage, scan, gate, rows, entanglement, activation): one HTML, one JSON.
+
+    Metrics are named <audit>.<metric> (gate.flag, scan.top_z, lineage.related); shortcuts for --fail-on:
+    related, same_init, gate, scan. A rule on an audit that did not run exits 2 with the reason."""
+    quiet()
+    _threads(threads)
+    from sublim.audit.common import parse_fail_on
+    from sublim.audit.report import FAIL_ON_SHORTCUTS, check_rules_run
+    from sublim.audit.report import report as run
+    from sublim.runs import write_jsonl
+
+    guard(parse_fail_on, fail_on, FAIL_ON_SHORTCUTS)  # a malformed rule fails before anything runs
+    res = guard(run, data, student, teacher=teacher, teacher_system=teacher_system, reference=reference, panel=panel,
+                traits=traits, only=only, skip=skip, max_rows=max_rows, batch_size=batch_size, n_questions=questions,
+                gate_threshold=gate_threshold, log=lambda m: typer.echo(m, err=True))
+    guard(check_rules_run, fail_on, res)
+    if "rows" in res.payload["audits"]:
+        typer.echo(f"scores: {write_jsonl(out / 'rows.scores.jsonl', res.payload['audits']['rows']['rows'])}")
+    finish(res, fail_on, out, FAIL_ON_SHORTCUTS)

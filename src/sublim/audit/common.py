@@ -117,7 +117,7 @@ def parse_fail_on(rules: Sequence[str] | str | None, shortcuts: dict[str, str] |
             if shortcuts and raw in shortcuts:
                 raw = shortcuts[raw]
             m = _RULE.match(raw)
-            if not m:
+            if not m or m.group(3)[0] in "<>=!":  # e.g. 'top_z>>3': a typo, not a comparison with the string '>3'
                 hint = f"; or one of {', '.join(shortcuts)}" if shortcuts else ""
                 raise AuditInputError(f"--fail-on {raw!r}: expected METRIC OP VALUE, e.g. 'top_z>=3'{hint}")
             name, op, val = m.groups()
