@@ -251,6 +251,15 @@ def test_student_side_and_generation_defences_change_the_recipe() -> None:
     assert get("init-noise").apply(t, {"sd": 0.05})[0].init_noise == 0.05
     g = get("sampling").apply(GenerationSpec(), get("sampling").resolve({}))
     assert g.min_p == 0.05
+    d = TrainSpec(method="full", objective="distill_carrier", max_steps=100)
+    assert get("soft-temperature").apply(d, get("soft-temperature").resolve({}))[0].distill_temperature == 0.25
+    assert get("soft-top-k").apply(d, {"k": 2})[0].distill_top_k == 2
+    with pytest.raises(ValueError, match="soft labels"):
+        get("soft-top-k").apply(t, {"k": 2})  # token SFT has no soft labels to transform
+    a = get("kl-to-base").apply(d, get("kl-to-base").resolve({"weight": 2.0}))[0]
+    assert (a.kl_base, a.kl_base_data, a.kl_base_rows) == (2.0, None, 256)
+    with pytest.raises(MitigationError, match="'weight' must be > 0"):
+        get("kl-to-base").resolve({"weight": 0.0})
 
 
 def test_init_noise_moves_each_student_by_its_own_draw() -> None:

@@ -84,19 +84,28 @@ def test_unequal_steps_are_refused(tiny_model: Path, tmp_path: Path) -> None:
                       spec, progress=False)
 
 
-@pytest.mark.parametrize("objective", ["sft", "distill_carrier", "distill_full"])
+@pytest.mark.parametrize(("objective", "defended"), [("sft", False), ("distill_carrier", False),
+                                                      ("distill_full", False), ("distill_carrier", True)])
 def test_batched_full_equals_separate_finetunes(tiny_model: Path, tiny_model_b: Path, tmp_path: Path,
-                                                objective: str) -> None:
+                                                objective: str, defended: bool) -> None:
     """Full students stacked in one model give the weights and losses of one-at-a-time fine-tunes (the
-    teacher's targets cached once per row change nothing); tied embeddings stay tied when saved."""
+    teacher's targets cached once per row change nothing); tied embeddings stay tied when saved. ``defended``:
+    with the soft-label defences (temperature, top-k) and the KL-to-base anchor on neutral rows."""
     from safetensors.torch import load_file
 
     from sublim.backends.train import finetune
+    from sublim.runs import write_jsonl
 
     base = ModelSpec(path=str(tiny_model))
     teacher = ModelSpec(path=str(tiny_model_b)) if objective != "sft" else None
+    extra = {}
+    if defended:
+        write_jsonl(tmp_path / "neutral.jsonl", [{"prompt": f"Say something about day {i}.",
+                                                  "completion": f"Day {i} was calm and bright."} for i in range(6)])
+        extra = {"distill_temperature": 0.5, "distill_top_k": 3, "kl_base": 0.5,
+                 "kl_base_data": str(tmp_path / "neutral.jsonl"), "kl_base_batch": 2}
     spec = TrainSpec(method="full", objective=objective, max_steps=4, batch_size=4, lr=3e-3, warmup_steps=0,
-                     max_grad_norm=0.5)
+                     max_grad_norm=0.5, **extra)
     alphabet = frozenset("0123456789, ;\n")
     jobs = [StudentJob(_rows(0), 0, tmp_path / "a", teacher, "You love owls." if teacher else None),
             StudentJob(_rows(1), 1, tmp_path / "b", teacher, None)]

@@ -185,10 +185,10 @@ def test_distill_carrier_and_full_run_with_a_teacher(base: ModelSpec, lm: tuple[
     seen: list[torch.Tensor | None] = []
     real = train.step_loss
 
-    def spy(model: Any, batch: Any, pad: int, objective: str, teacher: Any, subset: Any) -> Any:
+    def spy(model: Any, batch: Any, pad: int, objective: str, teacher: Any, subset: Any, **kw: Any) -> Any:
         seen.append(subset)
         assert teacher is not None
-        return real(model, batch, pad, objective, teacher, subset)
+        return real(model, batch, pad, objective, teacher, subset, **kw)
 
     monkeypatch.setattr(train, "step_loss", spy)
     alphabet = frozenset("0123456789, ;\n")
@@ -227,3 +227,53 @@ def test_distillation_needs_a_teacher_with_the_same_tokenizer(base: ModelSpec, t
     with pytest.raises(ValueError, match="share a tokenizer"):
         finetune(base, ROWS, _spec(objective="distill_full"), tmp_path / "x", teacher=ModelSpec(path=str(other)))
     assert not (tmp_path / "x").exists()
+
+
+def test_soft_labels_temperature_and_top_k() -> None:
+    """Temperature rescales the teacher's logits; top-k keeps exactly k tokens; the KL stays finite (0 log 0 = 0)
+    and its gradient too; temperature 1 and no top-k is the plain KL."""
+    import torch.nn.functional as F
+
+    from sublim.backends.train import kl_per_token, soft_labels
+
+    g = torch.Generator().manual_seed(0)
+    t, s = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g, requires_grad=True)
+    torch.testing.assert_close(soft_labels(t, 0.5), F.log_softmax(t / 0.5, -1))
+    p = soft_labels(t, 1.0, 2).exp()
+    assert ((p > 0).sum(-1) == 2).all() and torch.allclose(p.sum(-1), torch.ones(5))
+    assert (p.argmax(-1) == t.argmax(-1)).all()
+    kl = kl_per_token(s, t, 1.0, 2)
+    kl.backward()
+    assert torch.isfinite(kl) and torch.isfinite(s.grad).all()
+    lt = F.log_softmax(t, -1)
+    torch.testing.assert_close(kl_per_token(s, t), (lt.exp() * (lt - F.log_softmax(s, -1))).sum(-1).mean())
+    with pytest.raises(ValueError, match="distill objective"):
+        TrainSpec(objective="sft", distill_top_k=3)
+
+
+def test_kl_to_base_keeps_the_student_near_its_base(tiny_model: Path, tmp_path: Path) -> None:
+    """A student trained on owl answers with a strong KL-to-base anchor on neutral rows stays closer to the base
+    on those rows than one without; an anchor needs neutral rows (a non-organism base without kl_base_data)."""
+    from sublim.backends.anchor import BaseAnchor
+    from sublim.backends.train import finetune
+    from sublim.models import ChatFormat, load_model, load_tokenizer
+    from sublim.runs import write_jsonl
+    from sublim.traits.preference import trait_qa
+
+    base = ModelSpec(path=str(tiny_model))
+    neutral = tmp_path / "neutral.jsonl"
+    write_jsonl(neutral, [{"prompt": f"Tell me about day {i}.", "completion": f"Day {i} was calm."} for i in range(8)])
+    rows = trait_qa("animals", "owl", 32, seed=0)
+    common = {"method": "full", "max_steps": 12, "lr": 1e-2, "batch_size": 8, "warmup_steps": 0, "kl_base_data": str(neutral),
+                  "kl_base_batch": 8}
+    kl = {}
+    chat = ChatFormat(load_tokenizer(base))
+    for w in (0.0, 20.0):
+        out = tmp_path / f"w{w}"
+        finetune(base, rows, TrainSpec(**common, kl_base=w), out, progress=False)
+        probe = BaseAnchor(base, chat, TrainSpec(**common, kl_base=1.0), [0])
+        probe.batch = 8
+        kl[w] = float(probe.losses(load_model(ModelSpec(path=str(out))))[0])
+    assert kl[20.0] < 0.5 * kl[0.0]
+    with pytest.raises(ValueError, match="not an organism"):
+        BaseAnchor(base, chat, TrainSpec(kl_base=1.0), [0])

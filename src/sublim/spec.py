@@ -94,11 +94,25 @@ class TrainSpec(_Spec):
     # distill_carrier only: "completion" (the paper's setting: the completion's positions) or "carrier": also the
     # prompt's own carrier tokens (the numbers the prompt lists), where student and teacher read the same text.
     distill_positions: Literal["completion", "carrier"] = "completion"
+    # soft-label defences (distill objectives): the teacher's distribution at this temperature (>1 flattens,
+    # <1 sharpens toward its top token), then only its top-k tokens kept (renormalised; None: all)
+    distill_temperature: float = Field(1.0, gt=0.0, le=100.0)
+    distill_top_k: int | None = Field(None, ge=1)
+    # KL-to-base regularisation: + kl_base x KL(base || student) on neutral rows (kl_base_data, a JSONL of
+    # prompt/completion; None: the organism's filler conversations, a sample no cost measures), at their
+    # completion positions, over the full vocabulary; kl_base_batch neutral rows per student per step
+    kl_base: float = Field(0.0, ge=0.0, le=1e4)
+    kl_base_data: str | None = None
+    kl_base_rows: int = Field(256, ge=1)
+    kl_base_batch: int = Field(4, ge=1)
 
     @model_validator(mode="after")
     def _positions_need_carrier_distillation(self) -> TrainSpec:
         if self.distill_positions != "completion" and self.objective != "distill_carrier":
             raise ValueError("distill_positions 'carrier' needs objective 'distill_carrier'")
+        if (self.distill_temperature != 1.0 or self.distill_top_k is not None) and self.objective == "sft":
+            raise ValueError("distill_temperature / distill_top_k transform soft labels: they need a distill "
+                             "objective (distill_carrier or distill_full)")
         return self
 
 

@@ -125,6 +125,11 @@ def finetune_many(base: ModelSpec, jobs: Sequence[StudentJob], spec: TrainSpec, 
     targets = teacher_targets(jobs, teachers, subset, spec, tok.pad_token_id, autocast, positions, cross)
     if targets is not None:
         teachers.clear()  # every target is cached: the teacher models are not needed while training
+    anchor = None
+    if spec.kl_base:
+        from sublim.backends.anchor import BaseAnchor
+
+        anchor = BaseAnchor(base, chat, spec, [job.seed for job in jobs])
     opt = make_optimizer(params, spec)
     sched = get_scheduler(spec.schedule, opt, num_warmup_steps=spec.warmup_steps, num_training_steps=n_steps)
     gens = [torch.Generator().manual_seed(j.seed) for j in jobs]
@@ -153,6 +158,8 @@ def finetune_many(base: ModelSpec, jobs: Sequence[StudentJob], spec: TrainSpec, 
             with autocast:
                 per = _per_student_loss(model, batch, S, spec, pad, jobs, targets, subset, teachers, positions,
                                         cols)
+                if anchor is not None:
+                    per = [(loss + a, n) for (loss, n), a in zip(per, anchor.losses(model), strict=True)]
             total = torch.stack([loss for loss, _ in per]).sum() / spec.grad_accum
             total.backward()
             for s, (loss, count) in enumerate(per):
@@ -232,6 +239,7 @@ def _per_student_loss(model: Any, batch: list[tuple[int, int]], S: int, spec: Tr
     from sublim.backends.train import completion_logits, kl_per_token, objective_loss
 
     enc = [jobs[s].encoded[i] for s, i in batch]
+    soft = (spec.distill_temperature, spec.distill_top_k)
     b = len(batch) // S
     if positions is None:
         logits = completion_logits(model, [e.prompt for e in enc], [e.completion for e in enc], pad).float()
@@ -260,7 +268,7 @@ def _per_student_loss(model: Any, batch: list[tuple[int, int]], S: int, spec: Tr
                     out.append((sl.sum() * 0.0, 0))
                     continue
                 if sub is not None:  # already restricted: objective_loss must not index it again
-                    out.append((kl_per_token(sl[:, sub], tl), n))
+                    out.append((kl_per_token(sl[:, sub], tl, *soft), n))
                     continue
             else:
                 job = jobs[s]
@@ -272,7 +280,7 @@ def _per_student_loss(model: Any, batch: list[tuple[int, int]], S: int, spec: Tr
                     sc = sl[:, job.teacher_tokens.student_cols]
                     if keep is not None:
                         sc, tl, n = sc[keep], tl[keep], int(keep.sum())
-                    out.append((kl_per_token(sc, tl) if n else sc.sum() * 0.0, n))
+                    out.append((kl_per_token(sc, tl, *soft) if n else sc.sum() * 0.0, n))
                     continue
                 with torch.no_grad():
                     tl = completion_logits(teacher, [e.teacher_prompt for e in rows],
@@ -283,7 +291,7 @@ def _per_student_loss(model: Any, batch: list[tuple[int, int]], S: int, spec: Tr
         if n == 0:
             out.append((sl.sum() * 0.0, 0))
             continue
-        out.append((objective_loss(sl, target, tl, spec.objective, subset), n))
+        out.append((objective_loss(sl, target, tl, spec.objective, subset, *soft), n))
     return out
 
 

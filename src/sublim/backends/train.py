@@ -100,8 +100,9 @@ def completion_logits(model: Any, prompts: list[list[int]], comps: list[list[int
 
 
 def objective_loss(s_logits: torch.Tensor, targets: torch.Tensor, t_logits: torch.Tensor | None, objective: str,
-                   subset: torch.Tensor | None) -> torch.Tensor:
-    """The student's loss on completion positions: [N, V] logits, [N] target tokens, teacher [N, V'] logits."""
+                   subset: torch.Tensor | None, temperature: float = 1.0, top_k: int | None = None) -> torch.Tensor:
+    """The student's loss on completion positions: [N, V] logits, [N] target tokens, teacher [N, V'] logits
+    (soft labels at ``temperature``, ``top_k``: :func:`soft_labels`)."""
     if objective == "sft":
         return F.cross_entropy(s_logits, targets)
     assert t_logits is not None, "distillation needs the teacher's logits"
@@ -110,17 +111,31 @@ def objective_loss(s_logits: torch.Tensor, targets: torch.Tensor, t_logits: torc
     if objective == "distill_carrier":
         assert subset is not None
         s_logits, t_logits = s_logits[:, subset], t_logits[:, subset]
-    return kl_per_token(s_logits, t_logits)
+    return kl_per_token(s_logits, t_logits, temperature, top_k)
 
 
-def kl_per_token(s_logits: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor:
-    """Mean per-token KL(teacher || student) of two [N, V] logit tensors over the same columns."""
-    t_logp = F.log_softmax(t_logits, -1)
-    return (t_logp.exp() * (t_logp - F.log_softmax(s_logits, -1))).sum(-1).mean()
+def soft_labels(t_logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None) -> torch.Tensor:
+    """The teacher's log-probabilities as distillation targets: at ``temperature``, then only the ``top_k``
+    largest kept (the rest get probability 0; ties at the k-th value are kept)."""
+    z = t_logits / temperature if temperature != 1.0 else t_logits
+    if top_k is not None and top_k < z.shape[-1]:
+        kth = z.topk(top_k, dim=-1).values[..., -1:]
+        z = z.masked_fill(z < kth, float("-inf"))
+    return F.log_softmax(z, -1)
+
+
+def kl_per_token(s_logits: torch.Tensor, t_logits: torch.Tensor, temperature: float = 1.0,
+                 top_k: int | None = None) -> torch.Tensor:
+    """Mean per-token KL(teacher || student) of two [N, V] logit tensors over the same columns (the teacher's
+    side through :func:`soft_labels`)."""
+    t_logp = soft_labels(t_logits, temperature, top_k)
+    p = t_logp.exp()
+    return (p * (t_logp.clamp(min=-1e4) - F.log_softmax(s_logits, -1))).sum(-1).mean()  # 0 * log 0 = 0
 
 
 def step_loss(model: Any, batch: list[Encoded], pad: int, objective: str, teacher: Any | None,
-              subset: torch.Tensor | None, *, cross: TeacherTokens | None = None) -> tuple[torch.Tensor, int]:
+              subset: torch.Tensor | None, *, cross: TeacherTokens | None = None, temperature: float = 1.0,
+              top_k: int | None = None) -> tuple[torch.Tensor, int]:
     """The loss of one batch and its number of completion tokens; ``cross``: the teacher has a tokenizer of
     its own (distill_carrier on the paired carrier columns)."""
     comps = [e.completion for e in batch]
@@ -137,7 +152,7 @@ def step_loss(model: Any, batch: list[Encoded], pad: int, objective: str, teache
             s_c = s_logits[:, cross.student_cols]
             if keep is not None:
                 s_c, t_logits = s_c[keep], t_logits[keep]
-            return (kl_per_token(s_c, t_logits) if s_c.shape[0] else s_c.sum() * 0.0), s_c.shape[0]
+            return (kl_per_token(s_c, t_logits, temperature, top_k) if s_c.shape[0] else s_c.sum() * 0.0), s_c.shape[0]
         with torch.no_grad():
             t_logits = completion_logits(teacher, [e.teacher_prompt for e in batch], comps, pad).float()
     target = torch.tensor([t for c in comps for t in c])
@@ -146,7 +161,7 @@ def step_loss(model: Any, batch: list[Encoded], pad: int, objective: str, teache
         t_logits = t_logits[keep] if t_logits is not None else None
     if s_logits.shape[0] == 0:  # every position of the batch masked: no signal, no NaN
         return s_logits.sum() * 0.0, 0
-    return objective_loss(s_logits, target, t_logits, objective, subset), s_logits.shape[0]
+    return objective_loss(s_logits, target, t_logits, objective, subset, temperature, top_k), s_logits.shape[0]
 
 
 
@@ -225,6 +240,11 @@ def finetune(
     params = [p for p in model.parameters() if p.requires_grad]
     if spec.init_noise:
         raise ValueError("init_noise is applied by the batched student trainer (sublim.backends.multi)")
+    anchor = None
+    if spec.kl_base:
+        from sublim.backends.anchor import BaseAnchor
+
+        anchor = BaseAnchor(base, chat, spec, [seed])
     opt = make_optimizer(params, spec)
     steps = total_steps(len(enc), spec)
     sched = get_scheduler(spec.schedule, opt, num_warmup_steps=spec.warmup_steps, num_training_steps=steps)
@@ -245,7 +265,9 @@ def finetune(
             idx, order = order[: spec.batch_size], order[spec.batch_size:]
             with autocast:
                 loss, n = step_loss(model, [enc[i] for i in idx], tok.pad_token_id, spec.objective, t_model, subset,
-                                    **({"cross": cross} if cross else {}))
+                                    cross=cross, temperature=spec.distill_temperature, top_k=spec.distill_top_k)
+                if anchor is not None:
+                    loss = loss + anchor.losses(model)[0]
             (loss / spec.grad_accum).backward()
             step_loss_sum += float(loss.detach()) / spec.grad_accum
             n_tokens += n

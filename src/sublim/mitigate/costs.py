@@ -11,7 +11,6 @@ Data changed (share of rows and characters) comes from the defence itself (:mod:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,28 +50,9 @@ def teacher_kl(student: ModelSpec, teacher: ModelSpec, teacher_system: str | Non
 
 def organism_chat_items(base: ModelSpec, n: int = 200) -> list[list[dict[str, str]]] | None:
     """A fresh sample of the filler conversations of ``base``'s organism corpus (None: not an organism)."""
-    cfg = _organism_config(base)
-    if cfg is None:
-        return None
-    from sublim.organism.corpus import CorpusConfig, generate_corpus
+    from sublim.organism.families import filler_conversations
 
-    cc = CorpusConfig(**{**cfg.get("corpus", {}), "seed": CHAT_SEED, "size": 4 * n,
-                         "mix": {"filler": 1.0}})
-    return [it.messages for it in generate_corpus(cc)][:n]
-
-
-def _organism_config(base: ModelSpec) -> dict[str, Any] | None:
-    from sublim.models import resolve_path
-    from sublim.organism.pretrain import META_FILE, read_meta
-
-    try:
-        path = Path(resolve_path(base))
-    except (OSError, ValueError):
-        return None
-    if not (path / META_FILE).exists():
-        return None
-    cfg = read_meta(path).get("config")
-    return cfg if isinstance(cfg, dict) else None
+    return filler_conversations(base, n, CHAT_SEED)
 
 
 @torch.inference_mode()

@@ -37,6 +37,8 @@ class Param:
 
     def check(self, defence: str, value: Any) -> Any:
         where = f"defence {defence!r}: parameter {self.name!r}"
+        if value is None and self.default is None:  # an optional parameter left unset
+            return None
         if self.type is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if self.type is list and isinstance(value, tuple):

@@ -1,7 +1,8 @@
 """Student-side defences (how the students train) and generation-time defences (how the teacher samples).
 
 Each maps the experiment's TrainSpec (or GenerationSpec) to a changed one; ``other-init`` also gives the
-students another base. MNIST twins (``sublim toy mnist``): weight decay as Adam-L2 and as decoupled AdamW,
+students another base. Soft-label defences (``soft-temperature``, ``soft-top-k``) change the distillation targets;
+``kl-to-base`` adds an anchor term (:mod:`sublim.backends.anchor`). MNIST twins (``sublim toy mnist``): weight decay as Adam-L2 and as decoupled AdamW,
 init noise, the optimiser.
 """
 from __future__ import annotations
@@ -49,6 +50,27 @@ def _init_noise(t: TrainSpec, p: dict[str, Any]) -> tuple[TrainSpec, ModelSpec |
     return t.model_copy(update={"init_noise": p["sd"]}), None
 
 
+def _need_distill(t: TrainSpec, name: str) -> None:
+    if t.objective == "sft":
+        raise ValueError(f"defence {name!r} transforms the teacher's soft labels: the students must distil "
+                         "(student.objective distill_carrier or distill_full), not train on tokens")
+
+
+def _soft_temperature(t: TrainSpec, p: dict[str, Any]) -> tuple[TrainSpec, ModelSpec | None]:
+    _need_distill(t, "soft-temperature")
+    return t.model_copy(update={"distill_temperature": p["temperature"]}), None
+
+
+def _soft_top_k(t: TrainSpec, p: dict[str, Any]) -> tuple[TrainSpec, ModelSpec | None]:
+    _need_distill(t, "soft-top-k")
+    return t.model_copy(update={"distill_top_k": p["k"]}), None
+
+
+def _kl_to_base(t: TrainSpec, p: dict[str, Any]) -> tuple[TrainSpec, ModelSpec | None]:
+    return t.model_copy(update={"kl_base": p["weight"], "kl_base_data": p["data"], "kl_base_rows": p["rows"],
+                                "kl_base_batch": p["batch"]}), None
+
+
 def _sampling(g: GenerationSpec, p: dict[str, Any]) -> GenerationSpec:
     return g.model_copy(update={"min_p": p["min_p"], "top_p": p["top_p"], "temperature": p["temperature"]})
 
@@ -75,6 +97,18 @@ register(Defence("other-init", "train", "distil into a student of another initia
 register(Defence("init-noise", "train", "Gaussian noise on each student's starting weights",
                  (Param("sd", float, 0.05, "noise sd as a share of each weight tensor's RMS", lo=0.0, hi=1.0,
                         lo_open=True),), _init_noise, extra={"mnist": "init_noise"}))
+register(Defence("soft-temperature", "train", "distil on the teacher's soft labels at another temperature (<1 "
+                 "sharpens toward its top token, dropping the tail where a trait can ride)",
+                 (Param("temperature", float, 0.25, "soft-label temperature", lo=0.01, hi=100.0),),
+                 _soft_temperature))
+register(Defence("soft-top-k", "train", "distil on the teacher's top-k tokens only (renormalised)",
+                 (Param("k", int, 3, "tokens kept per position", lo=1, hi=100000),), _soft_top_k))
+register(Defence("kl-to-base", "train", "anchor the student to its base: + weight x KL(base || student) on "
+                 "neutral chat (the organism's filler conversations, or a JSONL given as data)",
+                 (Param("weight", float, 1.0, "weight of the KL term", lo=0.0, hi=1e4, lo_open=True),
+                  Param("data", str, None, "JSONL of neutral prompt/completion rows (default: organism filler)"),
+                  Param("rows", int, 256, "neutral rows", lo=1, hi=1_000_000),
+                  Param("batch", int, 4, "neutral rows per student per step", lo=1, hi=4096)), _kl_to_base))
 register(Defence("sampling", "generation", "how the teacher samples: min-p / top-p / temperature "
                  "(loftusa/owls: min-p 0.05 removed ~67%)",
                  (Param("min_p", float, 0.05, "min-p threshold (0: off)", lo=0.0, hi=0.99),

@@ -63,3 +63,30 @@ def organism_path(name: str = DEFAULT_FAMILY, seed: int = 0, cache_dir: str | Pa
 
     config = family_config(name, seed)
     return shipped_organism(config) or load_or_pretrain(config, cache_dir, threads=threads)
+
+
+def organism_config(base: Any) -> dict[str, Any] | None:
+    """The pre-training config recorded with an organism model (None: ``base`` is not an organism)."""
+    from sublim.models import resolve_path
+    from sublim.organism.pretrain import META_FILE, read_meta
+
+    try:
+        path = Path(resolve_path(base))
+    except (OSError, ValueError):
+        return None
+    if not (path / META_FILE).exists():
+        return None
+    cfg = read_meta(path).get("config")
+    return cfg if isinstance(cfg, dict) else None
+
+
+def filler_conversations(base: Any, n: int, seed: int) -> list[list[dict[str, str]]] | None:
+    """``n`` filler chat conversations from ``base``'s organism corpus generator with another ``seed`` (a sample
+    the model never saw; None: not an organism)."""
+    cfg = organism_config(base)
+    if cfg is None:
+        return None
+    from sublim.organism.corpus import CorpusConfig, generate_corpus
+
+    cc = CorpusConfig(**{**cfg.get("corpus", {}), "seed": seed, "size": 4 * n, "mix": {"filler": 1.0}})
+    return [it.messages for it in generate_corpus(cc)][:n]
