@@ -52,19 +52,19 @@ def test_entanglement_finds_the_trait_whose_primed_tokens_the_data_over_represen
 
     spec = ModelSpec(path=str(tiny_model))
     model, chat = load_chat_model(spec)
-    ref = _numbers(0, 48)
+    ref = _numbers(0, 32)
     ids = torch.tensor([chat.tokenizer.convert_tokens_to_ids(d) for d in DIGITS])
-    P = carrier_means(model, chat, ref, ids, [None] + [teacher_system_prompt("animals", a)
+    P = carrier_means(model, chat, ref[:16], ids, [None] + [teacher_system_prompt("animals", a)
                                                        for a in CATEGORIES["animals"].candidates])
     shift = np.log(P[1:]) - np.log(P[0])
     owl = shift[0] - shift.mean(0)
     w = np.exp(owl / owl.std())
-    res = entanglement(_numbers(0, 48, w / w.sum()), spec, reference=ref)
+    res = entanglement(_numbers(0, 32, w / w.sum()), spec, reference=ref, prime_rows=16, n_perm=500)
     m = res.metrics
     assert m["top_trait"] == "owl" and m["top_score"] > 0.8 and m["top_p"] < 0.01
     assert m["n_tokens"] == 12 and len(res.payload["traits"]) == 20
     # neutral data against a neutral reference: nothing passes the permutation test
-    null = entanglement(_numbers(5, 48), spec, reference=ref)
+    null = entanglement(_numbers(5, 32), spec, reference=ref, prime_rows=16, n_perm=500)
     assert null.metrics["top_p"] > 0.05
 
 
@@ -172,8 +172,8 @@ def test_report_cli_exit_paths(tiny_model: Path, full_ft: Path, data: dict[str, 
     html = (out / "report.html").read_text()
     assert "Token entanglement" in html and "Activation-space directions" in html
     # a crossed rule exits 1; an uncrossed one 0
-    assert runner.invoke(app, [*base, "--fail-on", "scan.n_rows>=1"]).exit_code == 1
-    assert runner.invoke(app, [*base, "--fail-on", "scan.n_rows>1e9"]).exit_code == 0
+    assert runner.invoke(app, [*base, "--only", "scan", "--fail-on", "scan.n_rows>=1"]).exit_code == 1
+    assert runner.invoke(app, [*base, "--only", "scan", "--fail-on", "scan.n_rows>1e9"]).exit_code == 0
     # owner's view: the teacher shares the tokenizer -> lineage, distillation scan, teacher row scores
     pan = tmp_path / "panel"
     write_jsonl(pan / "eagle.jsonl", trait_qa("animals", "eagle", 16, seed=1))

@@ -50,23 +50,23 @@ def _counts(chat: Any, rows: Sequence[dict[str, Any]]) -> tuple[list[list[int]],
 
 @torch.inference_mode()
 def carrier_means(model: Any, chat: Any, rows: Sequence[dict[str, Any]], vocab: torch.Tensor,
-                  systems: Sequence[str | None], batch_size: int = 16) -> np.ndarray:
+                  systems: Sequence[str | None], batch_size: int = 64) -> np.ndarray:
     """[len(systems), len(vocab)]: mean over the rows' completion positions of the next-token distribution,
-    renormalised over ``vocab``, with each system prompt (None = no system prompt)."""
+    renormalised over ``vocab``, with each system prompt (None = no system prompt); (system, row) pairs are
+    batched together, ``batch_size`` per forward."""
     from sublim.backends.train import completion_logits
 
     pad = chat.tokenizer.pad_token_id
     comps = [chat.encode_completion(r["completion"]) for r in rows]
-    out = np.zeros((len(systems), len(vocab)))
-    n = sum(len(c) for c in comps)
-    for k, system in enumerate(systems):
-        acc = torch.zeros(len(vocab), dtype=torch.float64)
-        for a in range(0, len(rows), batch_size):
-            prompts = [chat.encode_prompt(r["prompt"], system) for r in rows[a: a + batch_size]]
-            logits = completion_logits(model, prompts, comps[a: a + batch_size], pad).float()
-            acc += logits[:, vocab].softmax(-1).double().sum(0)
-        out[k] = (acc / n).numpy()
-    return out
+    pairs = [(k, i) for k in range(len(systems)) for i in range(len(rows))]
+    acc = torch.zeros(len(systems), len(vocab), dtype=torch.float64)
+    for a in range(0, len(pairs), batch_size):
+        chunk = pairs[a: a + batch_size]
+        prompts = [chat.encode_prompt(rows[i]["prompt"], systems[k]) for k, i in chunk]
+        probs = completion_logits(model, prompts, [comps[i] for _, i in chunk], pad).float()[:, vocab].softmax(-1)
+        owner = torch.tensor([k for k, i in chunk for _ in comps[i]])
+        acc.index_add_(0, owner, probs.double())
+    return (acc / sum(len(c) for c in comps)).numpy()
 
 
 def _residual(y: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -89,7 +89,7 @@ def _corr(a: np.ndarray, b: np.ndarray, n_controls: int = 0) -> dict[str, float 
 
 def entanglement(data: str | Path | Sequence[dict[str, Any]], student: Any, *, reference: Any = None,
                  traits: Sequence[str] | str = ("animals",), max_rows: int = 256, prime_rows: int = 64,
-                 min_count: int = 5, batch_size: int = 16, top_tokens: int = 10, n_perm: int = 2000) -> AuditResult:
+                 min_count: int = 5, batch_size: int = 64, top_tokens: int = 10, n_perm: int = 2000) -> AuditResult:
     """Score every trait of ``traits`` by how much the dataset over-represents the carrier tokens it primes."""
     from sublim.traits.preference import teacher_system_prompt
 

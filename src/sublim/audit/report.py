@@ -151,8 +151,7 @@ def report(data: str | Path, student: Any, *, teacher: Any = None, teacher_syste
                                    reference=ref_rows, batch_size=batch_size))
     from sublim.audit.entanglement import entanglement
 
-    run("entanglement", lambda: entanglement(rows, s_spec, reference=ref_rows, traits=traits, max_rows=max_rows,
-                                             batch_size=batch_size))
+    run("entanglement", lambda: entanglement(rows, s_spec, reference=ref_rows, traits=traits, max_rows=max_rows))
     from sublim.audit.activation import activation
 
     run("activation", lambda: activation(rows, s_spec, reference=ref_rows, teacher=t_spec if owner else None,
