@@ -460,7 +460,7 @@ def test_auto_threads_measures_other_work_now(monkeypatch: pytest.MonkeyPatch, t
         stat.write_text(next(snaps))
         return M._cpu_times(str(stat))
 
-    monkeypatch.setattr(M.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
     assert M.busy_cores(0.0, read) == pytest.approx(0.5)
     assert M.auto_threads(busy=0.5) == 1
     assert M.auto_threads(busy=0.1) == torch.get_num_threads()
