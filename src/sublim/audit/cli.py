@@ -18,6 +18,9 @@ app = typer.Typer(help="Audit a dataset and a teacher/student pair for sublimina
 FailOn = Annotated[list[str] | None, typer.Option("--fail-on", help="Exit 1 when METRIC OP VALUE holds, "
                                                      "e.g. 'top_z>=3' (repeatable; metrics are listed in the JSON)")]
 Out = Annotated[Path, typer.Option(help="Directory for <command>.json and <command>.html")]
+Data = Annotated[Path, typer.Argument(help="Dataset JSONL (prompt, completion)")]
+Threads = Annotated[int, typer.Option(help="torch threads")]
+TeacherSystem = Annotated[str | None, typer.Option(help="The teacher's system prompt, if prompted")]
 
 
 def _threads(n: int) -> None:
@@ -32,7 +35,7 @@ def lineage(
     student: Annotated[str, typer.Argument(help="Student model directory (or a LoRA adapter directory)")],
     fail_on: FailOn = None,
     out: Out = DEFAULT_OUT,
-    threads: Annotated[int, typer.Option(help="torch threads")] = 1,
+    threads: Threads = 1,
 ) -> None:
     """Same init? same family? unrelated? Declared evidence plus per-tensor and embedding-row agreement.
 
@@ -52,7 +55,7 @@ Traits = Annotated[str, typer.Option(help="Trait categories (animals,trees) or s
 
 @app.command()
 def scan(
-    data: Annotated[Path, typer.Argument(help="Dataset JSONL (prompt, completion)")],
+    data: Data,
     student: Student,
     reference: Annotated[Path | None, typer.Option(help="Reference dataset from a neutral teacher")] = None,
     traits: Traits = "animals",
@@ -70,10 +73,10 @@ def scan(
                                                 "only) or distill_carrier / distill_full (the teacher's soft labels: "
                                                 "the owner's audit, needs --teacher)")] = "sft",
     teacher: Annotated[str | None, typer.Option(help="The teacher whose soft labels the student distils")] = None,
-    teacher_system: Annotated[str | None, typer.Option(help="The teacher's system prompt, if prompted")] = None,
+    teacher_system: TeacherSystem = None,
     fail_on: FailOn = None,
     out: Out = DEFAULT_OUT,
-    threads: Annotated[int, typer.Option(help="torch threads")] = 1,
+    threads: Threads = 1,
 ) -> None:
     """Gradient alignment of a training step on DATA with each trait probe (no training run).
 
@@ -105,10 +108,10 @@ def _bad(msg: str) -> None:
 
 @app.command()
 def rows(
-    data: Annotated[Path, typer.Argument(help="Dataset JSONL (prompt, completion)")],
+    data: Data,
     student: Student,
     teacher: Annotated[str | None, typer.Option(help="Suspected teacher (shares the student's tokenizer)")] = None,
-    teacher_system: Annotated[str | None, typer.Option(help="The teacher's system prompt, if prompted")] = None,
+    teacher_system: TeacherSystem = None,
     reference: Annotated[Path | None, typer.Option(help="Neutral reference dataset: rows get z-scores")] = None,
     top: Annotated[float, typer.Option(help="Flag this fraction of rows (highest scores)")] = 0.05,
     z_threshold: Annotated[float | None, typer.Option(help="Flag rows with z >= this instead (needs --reference)")]
@@ -117,7 +120,7 @@ def rows(
     batch_size: int = 16,
     fail_on: FailOn = None,
     out: Out = DEFAULT_OUT,
-    threads: Annotated[int, typer.Option(help="torch threads")] = 1,
+    threads: Threads = 1,
 ) -> None:
     """Per-row suspicion scores and the tokens responsible; all scores go to <out>/rows.scores.jsonl.
 
@@ -136,7 +139,7 @@ def rows(
 
 @app.command()
 def canary(
-    data: Annotated[Path, typer.Argument(help="Dataset JSONL (prompt, completion)")],
+    data: Data,
     student: Student,
     reference: Annotated[Path, typer.Option(help="Reference dataset from a neutral teacher")],
     traits: Traits = "animals",
@@ -149,7 +152,7 @@ def canary(
     keep: Annotated[Path | None, typer.Option(help="Keep the canary adapters in this directory")] = None,
     fail_on: FailOn = None,
     out: Out = DEFAULT_OUT,
-    threads: Annotated[int, typer.Option(help="torch threads")] = 1,
+    threads: Threads = 1,
 ) -> None:
     """Short LoRA fine-tunes on DATA and on the reference, several seeds; trait battery before and after.
 
@@ -194,7 +197,7 @@ MaxRows = Annotated[int, typer.Option(help="Use at most this many rows of each d
 
 @app.command()
 def gate(
-    data: Annotated[Path, typer.Argument(help="Dataset JSONL (prompt, completion)")],
+    data: Data,
     student: Student,
     reference: Annotated[list[Path] | None, typer.Option(help="Neutral reference dataset (repeatable)")] = None,
     panel: Annotated[Path | None, typer.Option(help="Panel directory or panel.json: its neutral*.jsonl members join "
@@ -206,7 +209,7 @@ def gate(
     questions: Annotated[int, typer.Option(help="Probe questions per trait")] = 10,
     fail_on: FailOn = None,
     out: Out = DEFAULT_OUT,
-    threads: Annotated[int, typer.Option(help="torch threads")] = 1,
+    threads: Threads = 1,
 ) -> None:
     """The recipient's trait-agnostic gate: distance of the data's scan vector from neutral data.
 
@@ -222,7 +225,7 @@ def gate(
 
 @app.command()
 def entanglement(
-    data: Annotated[Path, typer.Argument(help="Dataset JSONL (prompt, completion)")],
+    data: Data,
     student: Student,
     reference: Reference = None,
     traits: Traits = "animals",
@@ -231,7 +234,7 @@ def entanglement(
     min_count: Annotated[int, typer.Option(help="Carrier tokens seen fewer times are left out")] = 5,
     fail_on: FailOn = None,
     out: Out = DEFAULT_OUT,
-    threads: Annotated[int, typer.Option(help="torch threads")] = 1,
+    threads: Threads = 1,
 ) -> None:
     """Does the data over-represent the carrier tokens a trait primes? (frequency-corrected)"""
     quiet()
@@ -245,18 +248,18 @@ def entanglement(
 
 @app.command()
 def activation(
-    data: Annotated[Path, typer.Argument(help="Dataset JSONL (prompt, completion)")],
+    data: Data,
     student: Student,
     reference: Reference = None,
     teacher: Annotated[str | None, typer.Option(help="The teacher (its soft labels drive the update; teacher - base "
                                                      "is projected too)")] = None,
-    teacher_system: Annotated[str | None, typer.Option(help="The teacher's system prompt, if prompted")] = None,
+    teacher_system: TeacherSystem = None,
     traits: Traits = "animals",
     max_rows: MaxRows = 256,
     questions: Annotated[int, typer.Option(help="Battery questions per direction")] = 10,
     fail_on: FailOn = None,
     out: Out = DEFAULT_OUT,
-    threads: Annotated[int, typer.Option(help="torch threads")] = 1,
+    threads: Threads = 1,
 ) -> None:
     """Residual-stream audit: the data-induced update projected on each trait's direction."""
     quiet()
@@ -270,10 +273,10 @@ def activation(
 
 @app.command()
 def report(
-    data: Annotated[Path, typer.Argument(help="Dataset JSONL (prompt, completion)")],
+    data: Data,
     student: Student,
     teacher: Annotated[str | None, typer.Option(help="The teacher, when you have it (the owner's view)")] = None,
-    teacher_system: Annotated[str | None, typer.Option(help="The teacher's system prompt, if prompted")] = None,
+    teacher_system: TeacherSystem = None,
     reference: Reference = None,
     panel: Annotated[Path | None, typer.Option(help="Calibration panel (directory of <trait>.jsonl and "
                                                   "neutral*.jsonl, or panel.json)")] = None,
@@ -286,7 +289,7 @@ def report(
     questions: Annotated[int, typer.Option(help="Probe questions per trait")] = 10,
     fail_on: FailOn = None,
     out: Out = DEFAULT_OUT,
-    threads: Annotated[int, typer.Option(help="torch threads")] = 1,
+    threads: Threads = 1,
 ) -> None:
     """Every audit that applies (lineage, scan, gate, rows, entanglement, activation): one HTML, one JSON.
 
