@@ -71,8 +71,9 @@ def run(tiny_model: Path, tiny_model_b: Path, tmp_path_factory: pytest.TempPathF
     spec_path.write_text(yaml.safe_dump(_spec(tiny_model, tiny_model_b)))
     run_dir = root / "run"
     stages = run_dir / "stages"
+    db = root / "runs.sqlite"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1", "SUBLIM_CACHE": str(root / "cache")}
+           "HF_HUB_OFFLINE": "1", "SUBLIM_CACHE": str(root / "cache"), "SUBLIM_RUNS_DB": str(db)}
     cmd = [sys.executable, "-m", "sublim.cli", "run", str(spec_path), "--out", str(run_dir)]
     log = root / "sublim.log"
     out: dict[str, Any] = {"spec_path": spec_path, "dir": run_dir}
@@ -106,10 +107,16 @@ def run(tiny_model: Path, tiny_model_b: Path, tmp_path_factory: pytest.TempPathF
         (d / "model" / JUNK).write_text("")
         (d / "model" / "adapter_config.json").write_text("{")
     out["unfinished_students"] = unfinished
+    from sublim.runindex import get_run
+
+    out["db"] = db
+    out["registry_after_kill"] = get_run(str(run_dir), path=db)
 
     # 3. resume to completion through the CLI, in process
     t0 = time.perf_counter()
-    res = CliRunner().invoke(app, ["run", str(spec_path), "--out", str(run_dir)])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SUBLIM_RUNS_DB", str(db))
+        res = CliRunner().invoke(app, ["run", str(spec_path), "--out", str(run_dir)])
     assert res.exit_code == 0, (res.output, res.stderr, res.exception)
     out["resume_output"] = res.stdout
     out["resume_seconds"] = time.perf_counter() - t0
@@ -119,6 +126,19 @@ def run(tiny_model: Path, tiny_model_b: Path, tmp_path_factory: pytest.TempPathF
 
 
 # --------------------------------------------------------------------------------------------- the run
+
+
+def test_the_run_registry_follows_the_run(run: dict[str, Any]) -> None:
+    """Killed twice: the registry still says 'running' (a killed process cannot say otherwise); resumed to the
+    end: 'done', with the run's teacher-level numbers as its key metrics."""
+    from sublim.runindex import get_run
+
+    assert run["registry_after_kill"]["status"] == "running"
+    r = get_run(str(run["dir"]), path=run["db"])
+    assert r["status"] == "done" and r["name"] == run["spec"].name and r["seconds"] > 0
+    owl = run["results"]["teacher_level"]["arms"]["same_base"]["effects"]["owl"]
+    assert r["metrics"]["same_base.owl.ratio"] == pytest.approx(owl["ratio"])
+    assert r["metrics"]["same_base.owl.p"] == pytest.approx(owl["p_perm_greater"])
 
 
 def test_run_writes_everything(run: dict[str, Any]) -> None:

@@ -359,9 +359,20 @@ class Experiment:
         return results
 
 
-def run(spec: ExperimentSpec, run_dir: str | Path, log: Log = print, progress: bool | None = None) -> dict[str, Any]:
-    """Run a whole experiment (resumable) and return the results dict (also in ``run_dir/results.json``)."""
-    return Experiment(spec, run_dir, log=log, progress=progress).run()
+def run(spec: ExperimentSpec, run_dir: str | Path, log: Log = print, progress: bool | None = None, *,
+        sweep: str | None = None, cell: str | None = None) -> dict[str, Any]:
+    """Run a whole experiment (resumable) and return the results dict (also in ``run_dir/results.json``).
+    The run is recorded in the run registry (:mod:`sublim.runindex`): running, then done or failed."""
+    from sublim import runindex
+
+    runindex.start(run_dir, spec.name, hash_obj(spec.model_dump(mode="json"))[:16], sweep=sweep, cell=cell)
+    try:
+        results = Experiment(spec, run_dir, log=log, progress=progress).run()
+    except BaseException as e:
+        runindex.finish(run_dir, error=f"{type(e).__name__}: {e}")
+        raise
+    runindex.finish(run_dir, results=results)
+    return results
 
 
 def default_run_dir(spec: ExperimentSpec, root: str | Path = "runs") -> Path:
