@@ -85,43 +85,50 @@ def detect(name: str, animals: list[str], T: int, out: Path) -> None:
     sft = GradientScanner(base, probes, batch_size=16)
     res = json.loads(out.read_text()) if out.exists() else {}
     for did, rows in data.items():
-        if did in res:
-            continue
         a, r = did.split("#")
         held_or_neutral = a == "neutral" or a not in DEV
-        rec: dict = {"trait": None if a == "neutral" else a, "split": "test" if held_or_neutral else "calibration"}
-        t0 = time.time()
-        rec["sft_cos"] = sft.score(rows)["cos"].tolist()
-        rec["sft_s"] = time.time() - t0
-        if a != "neutral":
+        rec: dict = res.get(did) or {"trait": None if a == "neutral" else a,
+                                     "split": "test" if held_or_neutral else "calibration"}
+        todo = [k for k in ("sft_cos", "owner_cos", "activation", "activation_owner", "entanglement") if k not in rec
+                and not (a == "neutral" and k in ("owner_cos", "activation_owner"))
+                and not (k == "entanglement" and not held_or_neutral)]
+        if not todo:
+            continue
+        ref_id = f"neutral#{r}" if a != "neutral" else f"neutral#{(int(r) + 1) % T}"
+        if "sft_cos" in todo:
+            t0 = time.time()
+            rec["sft_cos"] = sft.score(rows)["cos"].tolist()
+            rec["sft_s"] = time.time() - t0
+        if "owner_cos" in todo:
             t0 = time.time()
             own = GradientScanner(base, probes, batch_size=16, objective="distill_carrier", teacher=teachers[did].model)
             rec["owner_cos"] = own.score(rows)["cos"].tolist()
             rec["owner_s"] = time.time() - t0
             del own
-        if held_or_neutral:
-            ref_id = f"neutral#{r}" if a != "neutral" else f"neutral#{(int(r) + 1) % T}"
+        if "entanglement" in todo:
             t0 = time.time()
             e = entanglement(rows, base, reference=data[ref_id])
             rec["entanglement"] = {"scores": {t["target"]: t["score"] for t in e.payload["traits"]},
                                    "top": e.metrics["top_trait"], "top_score": e.metrics["top_score"],
                                    "top_p": e.metrics["top_p"], "raw_top": e.metrics["raw_top_trait"]}
             rec["entanglement_s"] = time.time() - t0
+        if "activation" in todo:
             t0 = time.time()
             ac = activation(rows, base, reference=data[ref_id])
             rec["activation"] = {"scores": {t["target"]: t["score"] for t in ac.payload["traits"]},
                                  "top": ac.metrics["top_trait"], "top_score": ac.metrics["top_score"]}
             rec["activation_s"] = time.time() - t0
-            if a != "neutral":
-                t0 = time.time()
-                ao = activation(rows, base, teacher=teachers[did].model)
-                rec["activation_owner"] = {"scores": {t["target"]: t["score"] for t in ao.payload["traits"]},
-                                           "top": ao.metrics["top_trait"], "top_score": ao.metrics["top_score"],
-                                           "teacher_top": ao.metrics.get("teacher_top_trait")}
-                rec["activation_owner_s"] = time.time() - t0
+        if "activation_owner" in todo:
+            t0 = time.time()
+            ao = activation(rows, base, teacher=teachers[did].model)
+            rec["activation_owner"] = {"scores": {t["target"]: t["score"] for t in ao.payload["traits"]},
+                                       "teacher": {t["target"]: t["teacher_cos"] for t in ao.payload["traits"]},
+                                       "top": ao.metrics["top_trait"], "top_score": ao.metrics["top_score"],
+                                       "teacher_top": ao.metrics.get("teacher_top_trait")}
+            rec["activation_owner_s"] = time.time() - t0
         res[did] = rec
         out.write_text(json.dumps(res, indent=1))
-        search.log(f"{did}: done ({rec['split']})")
+        search.log(f"{did}: {', '.join(todo)} ({rec['split']})")
 
 
 # ------------------------------------------------------------------------------------------------ scoring
@@ -218,12 +225,20 @@ def score(name: str, det_path: Path) -> dict:
             item["owner_top"], item["owner_top_z"] = CANDS[int(np.nanargmax(zo))], float(np.nanmax(zo))
         else:  # a neutral dataset: the base is its teacher, no soft-label step; its SFT scan stands in
             item["owner_top"], item["owner_top_z"] = item["sft_top"], item["sft_top_z"]
-        for det_name in ("entanglement", "activation", "activation_owner"):
-            if det_name in d:
-                item[f"{det_name}_top"] = d[det_name]["top"]
-                item[f"{det_name}_top_score"] = d[det_name]["top_score"]
-        if "entanglement" in d:
+        if "entanglement" in d:  # its own permutation test is its calibration
+            item["entanglement_top"] = d["entanglement"]["top"]
+            item["entanglement_top_score"] = d["entanglement"]["top_score"]
             item["entanglement_top_p"] = d["entanglement"]["top_p"]
+        # activation scores (data-induced update; teacher - base), z-scored per trait over the calibration datasets
+        for det_name, src, field in (("activation", "activation", "scores"), ("activation_owner", "activation_owner",
+                                     "scores"), ("teacher_direction", "activation_owner", "teacher")):
+            if src not in d:
+                continue
+            vec = np.array([d[src][field][c] for c in CANDS])
+            panel = [(t, np.array([x[src][field][c] for c in CANDS])) for t, x in cal if src in x]
+            z = zscore(vec, panel)
+            item[f"{det_name}_top"], item[f"{det_name}_top_score"] = CANDS[int(np.nanargmax(z))], float(np.nanmax(z))
+            item[f"{det_name}_raw_top"] = CANDS[int(np.argmax(vec))]
         rows.append(item)
     summary: dict = {"config": name, "gate_threshold": thr, "n_test": len(rows),
                      "n_test_trait": sum(r["trait_label"] is not None for r in rows),
@@ -235,7 +250,8 @@ def score(name: str, det_path: Path) -> dict:
     neutrals = [r for r in rows if r["trait_label"] is None]
     for det_name, score_key in (("owner", "owner_top_z"), ("sft", "sft_top_z"), ("gate", "gate_ratio"),
                                 ("entanglement", "entanglement_top_score"), ("activation", "activation_top_score"),
-                                ("activation_owner", "activation_owner_top_score")):
+                                ("activation_owner", "activation_owner_top_score"),
+                                ("teacher_direction", "teacher_direction_top_score")):
         top_key = f"{det_name}_top"
         hits = [r for r in carriers if r.get(top_key) is not None]
         k = sum(r[top_key] == r["canary_top"] for r in hits)
