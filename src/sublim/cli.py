@@ -205,6 +205,25 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory with re
     typer.echo(f"report: {path}")
 
 
+@app.command()
+def convert(
+    data: Annotated[Path, typer.Argument(help="Dataset: sublim rows JSONL, chat messages JSONL or .parquet")],
+    out: Annotated[Path, typer.Argument(help="Output file (.parquet writes Parquet)")],
+    to: Annotated[str | None, typer.Option(help="rows, messages or parquet (default: by OUT's suffix; .jsonl = rows)")]
+        = None,
+) -> None:
+    """Convert a dataset between sublim rows, chat messages (fine-tuning services, trl) and Parquet (datasets),
+    keeping every other column (provenance)."""
+    from sublim.audit.common import load_rows
+    from sublim.interchange import write
+
+    rows = _guard(load_rows, data)
+    if Path(out).resolve() == Path(data).resolve():
+        _fail(f"{out}: the output would overwrite the input")
+    path = _guard(write, rows, out, to)
+    typer.echo(f"wrote {len(rows)} rows to {path}")
+
+
 def _mount() -> None:
     try:
         from sublim.toy.cli import app as toy_app

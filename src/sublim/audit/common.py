@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sublim.report.html import Section, write_html
-from sublim.runs import atomic_write_json, environment, read_jsonl
+from sublim.runs import atomic_write_json, environment
 
 EXIT_OK, EXIT_FINDING, EXIT_INPUT = 0, 1, 2
 
@@ -29,13 +29,19 @@ class AuditInputError(ValueError):
 
 
 def load_rows(path: str | Path, need: tuple[str, ...] = ("prompt", "completion"), what: str = "dataset") -> list[dict[str, Any]]:
-    """Read a JSONL dataset; errors name the file and line (missing file, bad JSON, missing field)."""
+    """Read a dataset (sublim rows JSONL, chat ``messages`` JSONL or Parquet: :mod:`sublim.interchange`); errors
+    name the file and line (missing file, bad JSON, missing field)."""
     p = Path(path)
     if not p.exists():
         raise AuditInputError(f"{what} {p}: no such file")
     if p.is_dir():
         raise AuditInputError(f"{what} {p}: is a directory, expected a JSONL file")
-    rows = read_jsonl(p)
+    from sublim.interchange import InterchangeError, read
+
+    try:
+        rows = read(p)  # sublim rows, chat messages JSONL or Parquet
+    except InterchangeError as e:
+        raise AuditInputError(f"{what} {e}") from None
     if not rows:
         raise AuditInputError(f"{what} {p}: no rows")
     for i, r in enumerate(rows, 1):
