@@ -237,6 +237,9 @@ def _mount() -> None:
     app.add_typer(audit_app, name="audit", help="Audits before training: lineage, gradient scan, rows, canary.")
     app.add_typer(provenance_app, name="provenance", help="Provenance manifests: stamp and verify datasets.")
     from sublim.runindex_cli import app as runs_app
+    from sublim.sweep.cli import app as sweep_app
+
+    app.add_typer(sweep_app, name="sweep", help="Sweeps over a spec's grid, locally or on Ray; one report.")
 
     app.add_typer(runs_app, name="runs", help="The run registry: ls, show, compare, index.")
     try:
