@@ -78,7 +78,7 @@ def _workers_running(fn: str) -> list[int]:
     return pids
 
 
-@pytest.mark.ray
+@pytest.mark.engine
 def test_ray_sweep_survives_a_killed_worker(tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """On the Ray cluster at $SUBLIM_RAY_ADDRESS (CI: `ray start --head --num-cpus 2`), or a local one: a worker
     SIGKILLed while its cell trains; Ray retries the cell, which resumes, and the sweep finishes whole."""
@@ -115,3 +115,41 @@ def test_ray_sweep_survives_a_killed_worker(tiny_model: Path, tmp_path: Path, mo
     from sublim.runindex import list_runs
 
     assert {r["status"] for r in list_runs(sweep=result["name"], path=db)} == {"done"}  # the workers saw the env
+
+
+@pytest.mark.engine
+def test_submitit_local_sweep_resubmits_a_killed_job(tiny_model: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """submitit's local executor (what runs on Slurm runs the same way): one job SIGKILLed mid-cell is resubmitted
+    and resumes; both cells finish, each once."""
+    pytest.importorskip("submitit")
+    monkeypatch.setenv("SUBLIM_RUNS_DB", str(tmp_path / "runs.sqlite"))
+    spec = _spec_file(tmp_path, tiny_model)
+    out = tmp_path / "sw"
+    result: dict = {}
+    th = threading.Thread(target=lambda: result.update(
+        sweep(spec, ["student.lr=1e-3,3e-3"], out, executor="submitit", address="local", retries=1,
+              log=lambda m: None)))
+    th.start()
+    killed = None
+    t0 = time.time()
+    while killed is None and th.is_alive() and time.time() - t0 < 120:
+        busy = [int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit() and _is_job(d, out)]
+        if busy and any(out.glob("cells/*/stages/*")):
+            killed = busy[0]
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.05)
+    th.join(300)
+    assert killed is not None, "no job was caught mid-cell"
+    assert result["done"] == result["total"] == 2 and not result["failed"]
+    for d in out.glob("cells/*"):
+        arms = Counter(e["arm"] for e in json.loads((d / "results.json").read_text())["evaluations"])
+        assert arms["treatment"] == 1 and arms["control"] == 1
+
+
+def _is_job(d: Path, out: Path) -> bool:
+    try:
+        cmd = (d / "cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False
+    return "submitit" in cmd and str(out) in cmd

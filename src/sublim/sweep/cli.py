@@ -17,9 +17,9 @@ def run(
     spec: Annotated[Path, typer.Argument(help="Experiment spec (YAML)")],
     grid: Annotated[list[str], typer.Option(help="KEY=V1,V2 (repeatable; values are YAML, e.g. targets=[owl],[eagle])")],
     out: Annotated[Path, typer.Option(help="Sweep directory (sweep.json, cells/<cell>/)")],
-    executor: Annotated[str, typer.Option(help="local (one cell after another) or ray")] = "local",
-    address: Annotated[str | None, typer.Option(help="Ray cluster: auto or ray://host:port (default: a local Ray)")]
-        = None,
+    executor: Annotated[str, typer.Option(help="local (one cell after another), ray, or submitit (Slurm)")] = "local",
+    address: Annotated[str | None, typer.Option(help="ray: auto or ray://host:port (default: a local Ray); submitit: "
+                                                     "slurm or local (default: Slurm when srun exists)")] = None,
     cpus_per_cell: Annotated[int, typer.Option(help="CPUs (and torch threads) per cell")] = 1,
     retries: Annotated[int, typer.Option(help="Retries of a cell whose worker died (Ray)")] = 2,
 ) -> None:

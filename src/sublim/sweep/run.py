@@ -8,7 +8,10 @@ finished work and leaves nothing twice. Every cell is a run in the run registry 
 
 Executors: ``local`` (one cell after another in this process) and ``ray`` (each cell a Ray task with
 ``cpus_per_cell`` CPUs and ``retries`` retries when its worker dies; ``address=None`` starts a local Ray, ``auto`` or
-``ray://host:port`` joins a cluster, whose workers must have sublim installed and see ``out`` on a shared disk).
+``ray://host:port`` joins a cluster, whose workers must have sublim installed and see ``out`` on a shared disk), and
+``submitit`` (each cell a Slurm job when ``srun`` exists, else a local subprocess; ``address`` = ``slurm`` or
+``local`` forces one; a job that died is resubmitted). The driver's ``SUBLIM_*`` / ``HF_*`` settings reach every
+worker.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from sublim.spec import SpecError
 from sublim.sweep.grid import cells, describe, parse_grid
 
 DONE = "_CELL_DONE"
-EXECUTORS = ("local", "ray")
+EXECUTORS = ("local", "ray", "submitit")
 
 
 def plan(spec_path: str | Path, grid_items: Sequence[str], out: str | Path) -> dict[str, Any]:
@@ -102,8 +105,10 @@ def sweep(spec_path: str | Path, grid_items: Sequence[str], out: str | Path, *, 
             except Exception as e:  # noqa: BLE001 - one failed cell must not lose the others
                 failed.append({"cell": c["name"], "error": f"{type(e).__name__}: {e}".splitlines()[0]})
                 log(f"[sweep] FAILED: {c['name']}: {failed[-1]['error']}")
-    else:
+    elif executor == "ray":
         results.update(_ray(doc, todo, o, address, cpus_per_cell, retries, failed, log))
+    else:
+        results.update(_submitit(doc, todo, o, address, cpus_per_cell, retries, failed, log))
     status = {"name": doc["name"], "cells": results, "failed": failed,
               "done": sum(1 for c in doc["cells"] if (o / c["dir"] / DONE).exists()), "total": len(doc["cells"])}
     atomic_write_json(o / "sweep-status.json", status)
@@ -144,3 +149,44 @@ def _ray(doc: dict[str, Any], todo: list[dict[str, Any]], o: Path, address: str 
     finally:
         if started:
             ray.shutdown()
+
+
+def _submitit(doc: dict[str, Any], todo: list[dict[str, Any]], o: Path, cluster: str | None, cpus: int,
+              retries: int, failed: list[dict[str, str]], log: Callable[[str], None]) -> dict[str, Any]:
+    """Each cell a submitit job: Slurm when ``srun`` is there (``cluster=None``), else a local subprocess
+    (``cluster='local'`` forces it); a job that died without a result is resubmitted up to ``retries`` times."""
+    try:
+        import submitit
+    except ImportError:
+        raise SpecError("--executor submitit needs submitit: pip install submitit") from None
+    ex = submitit.AutoExecutor(folder=str(o / "submitit" / "%j"), cluster=cluster)
+    ex.update_parameters(name=doc["name"], cpus_per_task=cpus, timeout_min=24 * 60)
+    env = {k: v for k, v in os.environ.items() if k.startswith(("SUBLIM_", "HF_"))}
+
+    def submit(c: dict[str, Any]) -> Any:
+        return ex.submit(_with_env, env, c["spec"], str((o / c["dir"]).resolve()), doc["name"], c["name"], cpus)
+
+    jobs = {c["name"]: (c, submit(c), 0) for c in todo}
+    out: dict[str, Any] = {}
+    while jobs:
+        for name, (c, job, tries) in list(jobs.items()):
+            if not job.done():
+                continue
+            del jobs[name]
+            try:
+                out[name] = job.result()
+                log(f"[sweep] done: {name} (job {job.job_id})")
+            except submitit.core.utils.UncompletedJobError as e:  # died without a result: try again
+                if tries < retries and not isinstance(e, submitit.core.utils.FailedJobError):
+                    log(f"[sweep] job {job.job_id} of {name} died; resubmitting ({tries + 1}/{retries})")
+                    jobs[name] = (c, submit(c), tries + 1)
+                else:
+                    failed.append({"cell": name, "error": f"{type(e).__name__}: {e}".splitlines()[0][:300]})
+                    log(f"[sweep] FAILED: {name}: {failed[-1]['error']}")
+        time.sleep(0.5)
+    return out
+
+
+def _with_env(env: dict[str, str], *args: Any) -> dict[str, Any]:
+    os.environ.update(env)
+    return run_cell(*args)
