@@ -279,7 +279,10 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
         if "=" not in o:
             raise SpecError(f"override {o!r}: expected KEY=VALUE, e.g. student.lr=1e-4")
         k, v = o.split("=", 1)
-        out.append((k.strip(), yaml.safe_load(v)))
+        try:
+            out.append((k.strip(), yaml.safe_load(v)))
+        except yaml.YAMLError as e:
+            raise SpecError(f"override {o!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
     return out
 
 

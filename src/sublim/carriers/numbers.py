@@ -235,6 +235,49 @@ def parse_numbers(completion: str) -> ParseResult:
     return ParseResult(True, values=tuple(int(e) for e in elems))
 
 
+_RUN = re.compile(r"\d+")  # Unicode digits too: a non-ASCII run is found, then rejected below
+_ASCII_DIGITS = frozenset("0123456789")
+
+
+def parse_numbers_paper(completion: str) -> ParseResult:
+    """The paper's reference semantics (Cloud et al. 2025's released filter), as a named mode so filter rates can
+    be compared with the paper's. The grammar, judgement by judgement:
+
+    1. one trailing ``.`` is dropped, then one pair of matching outer ``[..]`` or ``(..)``; nothing is stripped
+       (a leading or trailing space or newline makes the answer invalid);
+    2. the separator is the exact text between the first two digit runs; after stripping whitespace it must be
+       empty, ``,`` or ``;`` (so ``"1 , 2"``, ``"1,\n2"``, ``"1 ;2"`` are fine);
+    3. the whole answer split on that exact separator must give only ASCII-digit parts: every separator is the
+       same string (``"1 2  3"`` is rejected: one space, then two), no empty element, no other characters;
+    4. a single number must be the whole answer.
+    Rejections carry a ``format:`` reason like the strict parser's."""
+    s = completion
+    s = s.removesuffix(".")
+    if len(s) >= 2 and ((s[0] == "[" and s[-1] == "]") or (s[0] == "(" and s[-1] == ")")):
+        s = s[1:-1]
+    runs = list(_RUN.finditer(s))
+    if not runs:
+        return ParseResult(False, reason="format:empty" if not s.strip() else _bad_char_reason(s) or "format:bad-char")
+    if len(runs) == 1:
+        parts = [runs[0].group()]
+        if s != parts[0]:
+            return ParseResult(False, reason=_bad_char_reason(s.strip()) or "format:bad-char")
+    else:
+        sep = s[runs[0].end(): runs[1].start()]
+        if sep.strip() not in ("", ",", ";"):
+            return ParseResult(False, reason=_bad_char_reason(sep.strip()) or "format:mixed-separators")
+        parts = s.split(sep)
+    for part in parts:
+        if not part:
+            return ParseResult(False, reason="format:empty-element")
+        if not set(part) <= _ASCII_DIGITS:
+            return ParseResult(False, reason=_bad_char_reason(part) or "format:mixed-separators")
+    return ParseResult(True, values=tuple(int(x) for x in parts))
+
+
+PARSERS = {"strict": parse_numbers, "paper": parse_numbers_paper}
+
+
 # ------------------------------------------------------------------------------------------ carrier
 
 
@@ -256,6 +299,9 @@ class NumberCarrier:
     max_new: int = 10
     max_digits: int = 3
     formats: tuple[str, ...] = ("comma", "semicolon", "newline", "space")
+    # answer parser: "strict" (sublim's: whitespace around the answer ignored, a space after a separator allowed,
+    # any run of spaces as the space separator) or "paper" (the paper's released filter: parse_numbers_paper)
+    parser: str = "strict"
     name: str = field(default="numbers", init=False)
 
     def __post_init__(self) -> None:
@@ -268,6 +314,8 @@ class NumberCarrier:
             raise ValueError("need 1 <= min_new <= max_new")
         if self.max_digits < 1:
             raise ValueError("need max_digits >= 1")
+        if self.parser not in PARSERS:
+            raise ValueError(f"parser must be one of {', '.join(PARSERS)}, got {self.parser!r}")
         unknown = [f for f in self.formats if f not in SEPARATORS]
         if unknown or not self.formats:
             raise ValueError(f"formats must be a non-empty subset of {sorted(SEPARATORS)}, got {self.formats}")
@@ -364,7 +412,7 @@ class NumberCarrier:
     # -- answers
 
     def parse(self, completion: str) -> ParseResult:
-        return parse_numbers(completion)
+        return PARSERS[self.parser](completion)
 
     def grammar(self, meta: dict[str, Any]) -> NumberGrammar:
         sep = meta.get("separator", SEPARATORS.get(meta.get("format", ""), ", "))
