@@ -444,3 +444,13 @@ def test_min_p_reaches_the_sampler(tiny_model: Path) -> None:
     strict = [o.completion for o in generate_batch(model, chat, prompts, max_new_tokens=8, seed=3, min_p=0.9)]
     assert plain == again
     assert strict != plain
+
+
+def test_chars_changed_share_stays_within_one_when_completions_grow() -> None:
+    from sublim.mitigate.apply import changes_of
+
+    before = [{"completion": "1, 2"}, {"completion": "3, 4"}]
+    after = [(0, {"completion": "10, 20, 30, 40, 50"}), (1, {"completion": "3, 4"})]
+    c = changes_of(before, after, {})
+    assert 0 < c["share_chars_changed"] <= 1 and c["chars_total"] == 8 and c["rows_changed"] == 1
+    assert changes_of(before, [], {})["share_chars_changed"] == 1.0  # everything dropped

@@ -59,11 +59,15 @@ def _chars_changed(a: str, b: str) -> int:
 
 def changes_of(before: list[dict[str, Any]], after: list[tuple[int, dict[str, Any]]],
                info: dict[str, Any]) -> dict[str, Any]:
-    """Share of rows altered or dropped and of completion characters changed (a dropped row counts whole)."""
+    """Share of rows altered or dropped and of completion characters changed (a dropped row counts whole). The
+    share's denominator counts each kept row at the longer of its two versions, so it stays within [0, 1] when a
+    defence lengthens completions (regeneration); ``chars_total`` is the original completions' length."""
     kept = {i for i, _ in after}
     n_chars = sum(len(r["completion"]) for r in before)
+    den = sum(len(r["completion"]) for i, r in enumerate(before) if i not in kept)
     changed_rows, changed_chars = 0, 0
     for i, r in after:
+        den += max(len(before[i]["completion"]), len(r["completion"]))
         c = _chars_changed(before[i]["completion"], r["completion"])
         masked = r.get("loss_mask") is not None and not all(r["loss_mask"])
         changed_rows += int(c > 0 or masked)
@@ -74,7 +78,7 @@ def changes_of(before: list[dict[str, Any]], after: list[tuple[int, dict[str, An
            "rows_changed": changed_rows,
            "share_rows_altered": (changed_rows + len(dropped)) / max(len(before), 1),
            "chars_total": n_chars, "chars_changed": changed_chars,
-           "share_chars_changed": changed_chars / max(n_chars, 1)}
+           "share_chars_changed": changed_chars / max(den, 1)}
     out.update(info)
     return out
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from sublim.mitigate.registry import get
 from sublim.runs import hash_obj, read_jsonl
-from sublim.spec import GenerationSpec, MitigationSpec, ModelSpec, TrainSpec
+from sublim.spec import MitigationSpec, ModelSpec, TrainSpec
 
 FRESH_SEED = 900_000     # generation seed (+ replicate) of the fresh number prompts the distillation cost uses
 FRESH_PROMPTS = 100
@@ -110,7 +110,7 @@ class MitigationArms:
     # ------------------------------------------------------------------------------------------- costs
     def _fresh(self, te: Any, tid: str, r: int) -> list[dict[str, Any]]:
         g = self.spec.generation.model_copy(update={"n_prompts": FRESH_PROMPTS, "seed": FRESH_SEED + r})
-        return list(self.exp.dataset(te, f"fresh {tid}", r, gen=GenerationSpec(**g.model_dump()))["kept"])
+        return list(self.exp.dataset(te, f"fresh {tid}", r, gen=g)["kept"])
 
     def _costs(self, model: ModelSpec, base: ModelSpec, te: Any, fresh: list[dict[str, Any]]) -> dict[str, Any]:
         from sublim.generation import carrier_alphabet
