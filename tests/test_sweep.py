@@ -9,6 +9,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -78,6 +79,22 @@ def _workers_running(fn: str) -> list[int]:
     return pids
 
 
+def _kill_one_mid_cell(th: threading.Thread, out: Path, find: Any) -> int | None:
+    """Start the sweep thread; SIGKILL the first worker process ``find()`` returns once a cell's stages exist; wait
+    for the sweep to end. Returns the killed pid (None if none was caught)."""
+    th.start()
+    killed = None
+    t0 = time.time()
+    while killed is None and th.is_alive() and time.time() - t0 < 120:
+        busy = find()
+        if busy and any(out.glob("cells/*/stages/*")):
+            killed = busy[0]
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.05)
+    th.join(300)
+    return killed
+
+
 @pytest.mark.engine
 def test_ray_sweep_survives_a_killed_worker(tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """On the Ray cluster at $SUBLIM_RAY_ADDRESS (CI: `ray start --head --num-cpus 2`), or a local one: a worker
@@ -93,16 +110,7 @@ def test_ray_sweep_survives_a_killed_worker(tiny_model: Path, tmp_path: Path, mo
         result: dict = {}
         th = threading.Thread(target=lambda: result.update(
             sweep(spec, ["student.lr=1e-3,3e-3"], out, executor="ray", retries=2, log=lambda m: None)))
-        th.start()
-        killed = None
-        t0 = time.time()
-        while killed is None and th.is_alive() and time.time() - t0 < 120:
-            busy = _workers_running("run_cell")
-            if busy and any(out.glob("cells/*/stages/*")):
-                killed = busy[0]
-                os.kill(killed, signal.SIGKILL)
-            time.sleep(0.05)
-        th.join(300)
+        killed = _kill_one_mid_cell(th, out, lambda: _workers_running("run_cell"))
         assert killed is not None, "no worker was caught mid-cell"
     finally:
         ray.shutdown()
@@ -130,16 +138,8 @@ def test_submitit_local_sweep_resubmits_a_killed_job(tiny_model: Path, tmp_path:
     th = threading.Thread(target=lambda: result.update(
         sweep(spec, ["student.lr=1e-3,3e-3"], out, executor="submitit", address="local", retries=1,
               log=lambda m: None)))
-    th.start()
-    killed = None
-    t0 = time.time()
-    while killed is None and th.is_alive() and time.time() - t0 < 120:
-        busy = [int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit() and _is_job(d, out)]
-        if busy and any(out.glob("cells/*/stages/*")):
-            killed = busy[0]
-            os.kill(killed, signal.SIGKILL)
-        time.sleep(0.05)
-    th.join(300)
+    killed = _kill_one_mid_cell(th, out, lambda: [int(d.name) for d in Path("/proc").iterdir()
+                                                  if d.name.isdigit() and _is_job(d, out)])
     assert killed is not None, "no job was caught mid-cell"
     assert result["done"] == result["total"] == 2 and not result["failed"]
     for d in out.glob("cells/*"):
