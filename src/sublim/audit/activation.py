@@ -110,7 +110,7 @@ def activation(data: str | Path | Sequence[dict[str, Any]], student: Any, *, ref
     spec = model_spec(student, what="student")
     model, chat = load_chat_model(spec, dtype="float32", trainable=True)
     model.eval()
-    questions = list(probes[0].questions)
+    questions = list(dict.fromkeys(q for p in probes for q in p.questions))  # every category's battery
     t_model = t_chat = t_spec = subset = None
     notes: list[str] = []
     if teacher is not None:
