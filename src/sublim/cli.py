@@ -234,7 +234,7 @@ def _mount() -> None:
     from sublim.audit.cli import app as audit_app
     from sublim.audit.provenance_cli import app as provenance_app
 
-    app.add_typer(audit_app, name="audit", help="Audits before training: lineage, gradient scan, rows, canary.")
+    app.add_typer(audit_app, name="audit", help="Audits before training: report (all that apply), lineage, scan, gate, rows, entanglement, activation, canary.")
     app.add_typer(provenance_app, name="provenance", help="Provenance manifests: stamp and verify datasets.")
     from sublim.runindex_cli import app as runs_app
     from sublim.sweep.cli import app as sweep_app
