@@ -40,7 +40,7 @@ def generate(teacher: Teacher, carrier_spec: CarrierSpec, gen: GenerationSpec, o
     from tqdm.auto import tqdm
 
     from sublim.backends.hf import batches, generate_batch
-    from sublim.models import ChatFormat, load_model, load_tokenizer, model_id
+    from sublim.models import ChatFormat, load_model, load_tokenizer, model_id, weights_fingerprint
 
     carrier = make_carrier(carrier_spec)
     prompts = carrier.prompts(gen.n_prompts, gen.seed)
@@ -54,7 +54,7 @@ def generate(teacher: Teacher, carrier_spec: CarrierSpec, gen: GenerationSpec, o
         show = _show_progress() if progress is None else progress
         bar = tqdm(total=len(prompts), initial=len(have), desc=f"generate ({teacher.trait or 'neutral'})",
                    disable=not show, leave=False)
-        base_id = model_id(teacher.model)
+        base_id, base_fp = model_id(teacher.model), weights_fingerprint(teacher.model)
         for a, b in todo:
             batch_seed = gen.seed * 1_000_003 + a
             cps = prompts[a:b]
@@ -69,7 +69,8 @@ def generate(teacher: Teacher, carrier_spec: CarrierSpec, gen: GenerationSpec, o
                     continue
                 rows.append({
                     "idx": i, "prompt": cp.prompt, "completion": o.completion,
-                    "teacher_id": base_id, "teacher_kind": teacher.kind, "teacher_system": teacher.system,
+                    "teacher_id": base_id, "teacher_fingerprint": base_fp, "teacher_kind": teacher.kind,
+                    "teacher_system": teacher.system,
                     "trait_category": category, "trait_target": teacher.trait, "carrier": carrier_spec.name,
                     "temperature": gen.temperature, "top_p": gen.top_p, "min_p": gen.min_p, "greedy": gen.greedy,
                     "constrained": gen.constrained, "gen_seed": gen.seed, "batch_seed": batch_seed,

@@ -152,9 +152,23 @@ def _hub_message(name: str, e: Exception) -> str:
     return f"model {name!r}: not a local directory and could not be fetched from the hub ({first})"
 
 
+def is_local_path(p: str) -> bool:
+    """Whether a model path names a place on this machine (rather than an alias or a hub id)."""
+    return p.startswith((".", "/", "~")) or os.path.isabs(p) or Path(p).expanduser().exists()
+
+
 def model_id(spec: ModelSpec) -> str:
-    """A short stable identity for provenance columns and cache keys."""
-    return spec.path + (f"+{Path(spec.adapter).name}" if spec.adapter else "")
+    """The model's declared name, the same on every machine: an alias or hub id as given, a local directory
+    as ``local:<its name>`` (its :func:`weights_fingerprint` says which weights), ``+<adapter name>``."""
+    name = f"local:{Path(spec.path).expanduser().name}" if is_local_path(spec.path) else spec.path
+    return name + (f"+{Path(spec.adapter).name}" if spec.adapter else "")
+
+
+def model_identity(spec: ModelSpec) -> dict[str, Any]:
+    """Who a model is, without where it lives: declared name, weights fingerprint and the loading settings.
+    Cache keys and generated rows use this, so a run directory moved or copied elsewhere keeps its keys."""
+    return {"id": model_id(spec), "fingerprint": weights_fingerprint(spec), "gguf_file": spec.gguf_file,
+            "revision": spec.revision, "dtype": spec.dtype}
 
 
 def weights_fingerprint(spec: ModelSpec) -> str:
@@ -163,7 +177,7 @@ def weights_fingerprint(spec: ModelSpec) -> str:
     files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
     if spec.adapter:
         files += sorted(Path(spec.adapter).glob("*.safetensors"))
-    if not files:
+    if not files:  # a hub id not on this machine: its name and revision
         return hash_obj({"id": spec.path, "revision": spec.revision})
     return hash_obj([[f.name, f.stat().st_size, _cached_file_hash(str(f), f.stat().st_mtime_ns)] for f in files])
 

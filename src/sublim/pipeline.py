@@ -26,6 +26,7 @@ from sublim.runs import (
     environment,
     hash_obj,
     read_jsonl,
+    release_held,
     write_jsonl,
 )
 from sublim.spec import ExperimentSpec, GenerationSpec, ModelSpec, TrainSpec, dump_spec
@@ -78,20 +79,17 @@ class Experiment:
                 cfg = {"teacher": s.teacher.model_dump(mode="json", exclude={"replicates"}), "category": s.category,
                        "target": t, "replicate": r}
                 st = self.stage("teacher", cfg, {"base": self._fp(s.base)})
-                if st.done:
-                    info = st.summary()
-                    out[t, r] = Teacher(ModelSpec(**info["model"]), None, t, "finetuned")
-                    continue
-                self.log(f"[teacher] fine-tuning {teacher_id(t, r)} from the base")
-                st.start()
-                teacher, summary = implant_teacher(s.base, s.category, t, s.teacher, st.dir, log=self.log,
-                                                   replicate=r)
-                if not summary["reached"]:
-                    self.notes.append(f"Teacher {teacher_id(t, r)} did not reach P({t}) >= "
-                                      f"{s.teacher.min_target_prob} without a system prompt "
-                                      f"(last {summary['rounds'][-1]['p_target']:.3f}).")
-                st.finish({**summary, "model": teacher.model.model_dump()})
-                out[t, r] = teacher
+                if st.claim():
+                    self.log(f"[teacher] fine-tuning {teacher_id(t, r)} from the base")
+                    teacher, summary = implant_teacher(s.base, s.category, t, s.teacher, st.dir, log=self.log,
+                                                       replicate=r)
+                    if not summary["reached"]:
+                        self.notes.append(f"Teacher {teacher_id(t, r)} did not reach P({t}) >= "
+                                          f"{s.teacher.min_target_prob} without a system prompt "
+                                          f"(last {summary['rounds'][-1]['p_target']:.3f}).")
+                    # the model's place inside the stage, not a machine path: the run directory can move
+                    st.finish({**summary, "model": st.relative(teacher.model.model_dump())})
+                out[t, r] = Teacher(ModelSpec(**st.absolute(st.summary()["model"])), None, t, "finetuned")
         return out
 
     def generation_spec(self, replicate: int) -> GenerationSpec:
@@ -107,9 +105,8 @@ class Experiment:
         gen_cfg = {"teacher": teacher.describe(), "carrier": s.carrier.model_dump(), "generation":
                    gen.model_dump(), "category": s.category}
         g = self.stage("generate", gen_cfg, {"teacher": self._fp(teacher.model)})
-        if not g.done:
+        if g.claim():
             self.log(f"[generate] {label}: {gen.n_prompts} prompts -> {g.dir}")
-            g.start()
             rows = generate(teacher, s.carrier, gen, g.dir / "rows.jsonl", category=s.category,
                             progress=self.progress)
             g.finish({"rows": len(rows), "rows_hash": hash_obj([r["content_hash"] for r in rows])})
@@ -117,8 +114,7 @@ class Experiment:
         f_cfg = {"filters": [f.model_dump() for f in s.filters], "carrier": s.carrier.model_dump(),
                  "target_words": s.targets}
         f = self.stage("filter", f_cfg, {"rows": raw_hash})
-        if not f.done:
-            f.start()
+        if f.claim():
             res = filter_rows(read_jsonl(g.dir / "rows.jsonl"), s.filters, s.carrier, s.targets)
             write_jsonl(f.dir / "kept.jsonl", res.kept)
             write_jsonl(f.dir / "rejects.jsonl", res.rejects)
@@ -156,9 +152,28 @@ class Experiment:
         ``"train"``: a student-side defence) are trained together as one batched model, ``parallel_students`` at
         a time (fewer for full fine-tunes if their weights and optimiser state would not fit in half the machine's
         memory); each is exactly a separate fine-tune."""
+        # claim each unfinished student; one another process holds is trained there: wait for it at the end
+        todo, elsewhere, seen = [], [], set()
+        for j in jobs:
+            st = j["stage"]
+            if st.key in seen or st.done:  # the same student twice in one run is trained once
+                continue
+            seen.add(st.key)
+            got = st.claim(wait=False)
+            if got:
+                todo.append(j)
+            elif got is None:
+                elsewhere.append(j)
+        self._train(todo, train)
+        for j in elsewhere:  # finished by the other process, or claimed here if it died meanwhile
+            if j["stage"].claim():
+                self.log(f"[students] {j['label']} s{j['seed']}: its other process stopped; training it here")
+                self._train([j], train)
+
+    def _train(self, todo: list[dict[str, Any]], train: TrainSpec) -> None:
+        """Train the claimed students ``todo`` (grouped by base and recipe) and finish their stages."""
         from sublim.backends.multi import StudentJob, finetune_many
 
-        todo = [j for j in jobs if not j["stage"].done]
         if not todo:
             return
         alphabet = self._alphabet()
@@ -180,8 +195,6 @@ class Experiment:
                 chunk = group[i: i + width]
                 self.log(f"[students] training {len(chunk)} {train.method} {train.objective} student(s) at once: "
                          + ", ".join(f"{j['label']} s{j['seed']}" for j in chunk))
-                for j in chunk:
-                    j["stage"].start()
                 sjobs = [StudentJob(j["rows"], j["seed"], j["stage"].dir / "model",
                                     j["teacher"].model if j["teacher"] else None,
                                     j["teacher"].system if j["teacher"] else None, j["label"]) for j in chunk]
@@ -222,8 +235,7 @@ class Experiment:
         cfg = {"eval": s.evaluation.model_dump(), "system": system, "questions": hash_obj(qs),
                "numprefix": hash_obj(nq), "category": s.category}
         st = self.stage("eval", cfg, {"model": self._fp(model)})
-        if not st.done:
-            st.start()
+        if st.claim():
             m = load_model(model)
             chat = ChatFormat(load_tokenizer(model))
             res = evaluate_model(m, chat, s.category, qs, nq, system=system, batch_size=s.evaluation.batch_size,
@@ -369,6 +381,7 @@ def run(spec: ExperimentSpec, run_dir: str | Path, log: Log = print, progress: b
     try:
         results = Experiment(spec, run_dir, log=log, progress=progress).run()
     except BaseException as e:
+        release_held()  # the unfinished stages can be claimed again (a retry in this process, another process)
         runindex.finish(run_dir, error=f"{type(e).__name__}: {e}")
         raise
     runindex.finish(run_dir, results=results)

@@ -173,7 +173,12 @@ def environment() -> dict[str, Any]:
 
 
 class Stage:
-    """One cached stage directory: ``<root>/stages/<name>-<key[:16]>``."""
+    """One cached stage directory: ``<root>/stages/<name>-<key[:16]>``.
+
+    Processes sharing a run directory (or a cache) coordinate through :meth:`claim`: an OS file lock per stage,
+    held from the claim until :meth:`finish` (or :meth:`release`), and released by the OS if its holder dies,
+    so a second process waits for the stage (or skips it) and then reuses the result instead of redoing it
+    or writing into it at the same time."""
 
     def __init__(self, root: str | Path, name: str, config: Any, inputs: dict[str, str] | None = None) -> None:
         self.name = name
@@ -181,10 +186,53 @@ class Stage:
         self.inputs = dict(inputs or {})
         self.key = hash_obj({"stage": name, "config": config, "inputs": self.inputs})
         self.dir = Path(root) / "stages" / f"{name}-{self.key[:16]}"
+        self._lock: int | None = None
 
     @property
     def done(self) -> bool:
         return (self.dir / DONE).exists()
+
+    @property
+    def lock_path(self) -> Path:
+        """``<root>/.locks/<stage dir name>.lock``: beside ``stages/``, so listings of the stages see only stages."""
+        return self.dir.parent.parent / ".locks" / f"{self.dir.name}.lock"
+
+    def claim(self, wait: bool = True) -> bool | None:
+        """Take the stage for this process. True: it is not finished and this process now holds it (do the work,
+        then :meth:`finish`); False: it is finished (perhaps by another process while this one waited); None
+        (only with ``wait=False``): another process, or this one through another :class:`Stage`, holds it."""
+        import fcntl
+
+        if self.done:
+            return False
+        if self._lock is not None:
+            return True
+        path = str(self.lock_path)
+        if path in _HELD:  # flock would wait on this very process forever
+            if wait:
+                raise RuntimeError(f"stage {self.dir.name} is already claimed by this process")
+            return None
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        if self.done:  # finished by the holder we waited for
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+            return False
+        self._lock = fd
+        _HELD[path] = fd
+        self.start()
+        return True
+
+    def release(self) -> None:
+        """Give the stage up unfinished (its partial work stays for the next claim to resume or redo)."""
+        if self._lock is not None and _HELD.get(str(self.lock_path)) == self._lock:
+            _unlock(str(self.lock_path))
+        self._lock = None
 
     def start(self) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -196,10 +244,46 @@ class Stage:
         if summary is not None:
             atomic_write_json(self.dir / "summary.json", summary)
         atomic_write_text(self.dir / DONE, "")
+        self.release()
 
     def summary(self) -> dict[str, Any]:
         p = self.dir / "summary.json"
         return json.loads(p.read_text()) if p.exists() else {}
+
+    def relative(self, model: dict[str, Any]) -> dict[str, Any]:
+        """A model spec (as a dict) with the paths that lie inside this stage made relative to it, for a summary
+        that stays true when the run directory moves; :meth:`absolute` undoes it."""
+        out = dict(model)
+        for k in ("path", "adapter"):
+            v = out.get(k)
+            if v and Path(v).is_absolute() and Path(v).resolve().is_relative_to(self.dir.resolve()):
+                out[k] = str(Path(v).resolve().relative_to(self.dir.resolve()))
+                out.setdefault("_in_stage", []).append(k)
+        return out
+
+    def absolute(self, model: dict[str, Any]) -> dict[str, Any]:
+        out = dict(model)
+        for k in out.pop("_in_stage", []):
+            out[k] = str(self.dir / out[k])
+        return out
+
+
+_HELD: dict[str, int] = {}  # lock path -> fd of the stage locks this process holds (flock is per open file)
+
+
+def _unlock(path: str) -> None:
+    import fcntl
+
+    fd = _HELD.pop(path)
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+
+
+def release_held() -> None:
+    """Release every stage lock this process holds: a command that stops on an error calls it, so a retry in
+    the same process (a sweep cell, a test) can claim the unfinished stages again."""
+    for path in list(_HELD):
+        _unlock(path)
 
 
 @contextmanager

@@ -21,7 +21,10 @@ class Teacher:
     kind: str  # "system_prompt" | "finetuned" | "neutral"
 
     def describe(self) -> dict[str, Any]:
-        return {"model": self.model.model_dump(), "system": self.system, "trait": self.trait, "kind": self.kind}
+        """The teacher's identity for cache keys and manifests: no machine paths (see ``models.model_identity``)."""
+        from sublim.models import model_identity
+
+        return {"model": model_identity(self.model), "system": self.system, "trait": self.trait, "kind": self.kind}
 
 
 def neutral_teacher(base: ModelSpec) -> Teacher:

@@ -89,8 +89,11 @@ def model_identity(model: Any) -> dict[str, Any] | None:
                  else None, "trait": model.trait, "kind": model.kind}
         model = model.model
     spec = model if isinstance(model, ModelSpec) else ModelSpec(path=str(model))
-    ident: dict[str, Any] = {"path": spec.path, "adapter": spec.adapter, "revision": spec.revision,
-                             "dtype": spec.dtype}
+    from sublim.models import model_id
+
+    # the declared name, not the path: a manifest reads the same wherever the run directory lives
+    ident: dict[str, Any] = {"id": model_id(spec), "adapter": Path(spec.adapter).name if spec.adapter else None,
+                             "revision": spec.revision, "dtype": spec.dtype}
     try:
         from sublim.models import resolve_path, weights_fingerprint
 

@@ -47,7 +47,7 @@ from sublim.backends.targets import (
     teacher_targets,
 )
 from sublim.backends.train import Encoded, encode_rows, loss_keep, make_optimizer, total_steps
-from sublim.models import ChatFormat, load_model, load_tokenizer
+from sublim.models import ChatFormat, load_model, load_tokenizer, model_identity
 from sublim.runs import atomic_dir, atomic_write_json, hash_obj
 from sublim.spec import ModelSpec, TrainSpec
 
@@ -329,7 +329,7 @@ def _summary(job: StudentJob, base: ModelSpec, spec: TrainSpec, losses: list[flo
         "rows_hash": hash_obj([[r["prompt"], r["completion"]] for r in job.rows]), "steps": steps,
         "completion_tokens": n_tok, "seconds": seconds, "tokens_per_second": n_tok / max(seconds, 1e-9),
         "loss_first": losses[0], "loss_last": losses[-1], "losses": losses,
-        "teacher": job.teacher.model_dump() if job.teacher else None, "teacher_system": job.teacher_system,
+        "teacher": model_identity(job.teacher) if job.teacher else None, "teacher_system": job.teacher_system,
         "saved": saved, "trained_with": "finetune_many",
     } | ({"teacher_tokenizer": job.teacher_tokens.describe()} if job.teacher_tokens is not None else {})
 

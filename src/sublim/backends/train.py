@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from sublim.backends.hf import tokens_within  # noqa: F401  (re-exported: train.tokens_within)
-from sublim.models import ChatFormat, load_model, load_tokenizer
+from sublim.models import ChatFormat, load_model, load_tokenizer, model_identity
 from sublim.runs import atomic_dir, atomic_write_json, hash_obj
 from sublim.spec import ModelSpec, TrainSpec
 
@@ -285,7 +285,7 @@ def finetune(
         "rows_hash": hash_obj([[r["prompt"], r["completion"]] for r in rows]), "steps": steps,
         "completion_tokens": n_tokens, "seconds": seconds, "tokens_per_second": n_tokens / max(seconds, 1e-9),
         "loss_first": losses[0], "loss_last": losses[-1], "losses": losses,
-        "teacher": teacher.model_dump() if teacher else None, "teacher_system": teacher_system,
+        "teacher": model_identity(teacher) if teacher else None, "teacher_system": teacher_system,
         "saved": "merged" if merge else spec.method,
     }
     if cross is not None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sublim.mitigate.registry import get
+from sublim.models import model_identity
 from sublim.runs import hash_obj, read_jsonl
 from sublim.spec import MitigationSpec, ModelSpec, TrainSpec
 
@@ -96,12 +97,11 @@ class MitigationArms:
         ctx = Context(student=s.base, teacher=te.model, teacher_system=te.system, decoys=decoys, carrier=s.carrier,
                       seed=s.generation.seed + r)
         cfg = {"defence": m.name, "params": p, "teacher": te.describe(), "seed": ctx.seed,
-               "decoys": [[x.model_dump(), y] for x, y in decoys], "carrier": s.carrier.model_dump()}
+               "decoys": [[model_identity(x), y] for x, y in decoys], "carrier": s.carrier.model_dump()}
         st = self.exp.stage("mitigate", cfg, {"rows": hash_obj([x["content_hash"] for x in rows]),
                                               "base": self.exp._fp(s.base)})
-        if not st.done:
+        if st.claim():
             self.exp.log(f"[mitigate] {m.arm_label}: {tid} ({len(rows)} rows)")
-            st.start()
             res = mitigate(rows, m.name, p, ctx)
             write_mitigated(st.dir / "rows.jsonl", res, Path(self.data[tid]["file"]), rows, ctx)
             st.finish({"changes": res.changes, "rows": len(res.rows)})
@@ -117,9 +117,8 @@ class MitigationArms:
         from sublim.mitigate.costs import student_costs
 
         st = self.exp.stage("costs", {"teacher": te.describe(), "fresh": hash_obj([x["content_hash"] for x in fresh]),
-                                      "base": base.model_dump(), "version": 1}, {"model": self.exp._fp(model)})
-        if not st.done:
-            st.start()
+                                      "base": model_identity(base), "version": 1}, {"model": self.exp._fp(model)})
+        if st.claim():
             st.finish(student_costs(model, base, te.model, te.system, fresh, carrier_alphabet(self.spec.carrier),
                                     self.spec.category))
         return dict(st.summary())

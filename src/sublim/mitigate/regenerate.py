@@ -20,7 +20,7 @@ def _regenerate(rows: list[dict[str, Any]], p: dict[str, Any], ctx: Any) -> tupl
                               "teacher for its soft labels)")
     from sublim.backends.hf import generate_batch
     from sublim.generation import make_carrier
-    from sublim.models import load_chat_model, model_id
+    from sublim.models import load_chat_model, model_id, weights_fingerprint
     from sublim.spec import ModelSpec
 
     carrier = make_carrier(ctx.carrier)
@@ -34,7 +34,7 @@ def _regenerate(rows: list[dict[str, Any]], p: dict[str, Any], ctx: Any) -> tupl
             raise MitigationError(f"row {i}: {e}") from None
     spec = ModelSpec(path=p["model"])
     model, chat = load_chat_model(spec)
-    mid = model_id(spec)
+    mid, mfp = model_id(spec), weights_fingerprint(spec)
     new: dict[int, str] = {}
     for a in range(0, len(pick), ctx.batch_size):
         idx = pick[a: a + ctx.batch_size]
@@ -46,7 +46,8 @@ def _regenerate(rows: list[dict[str, Any]], p: dict[str, Any], ctx: Any) -> tupl
     out = []
     for i, r in enumerate(rows):
         if i in new:
-            r = {**r, "completion": new[i], "teacher_id": mid, "teacher_kind": "regenerated",
+            r = {**r, "completion": new[i], "teacher_id": mid, "teacher_fingerprint": mfp,
+                 "teacher_kind": "regenerated",
                  "teacher_system": None, "trait_target": None}
         out.append((i, r))
     return out, {"rows_regenerated": len(pick), "regenerated_by": mid}
