@@ -1,33 +1,62 @@
 """The confusion-design verdict of a search run through the project's statistics, as markdown.
 
-    python docs/results/scripts/confusion_table.py c5-orgb-k10t5s3 [more runs ...]
+    python docs/results/scripts/confusion_table.py c5-orgb-k10t5s3 [more runs ...] [--arm same|other|ic]
 
 For each run JSON in docs/results/organism-search/: ``sublim.specificity.confusion_fit`` (OLS with
 teacher-clustered CR1 errors, label permutations) -> gamma [95% CI], permutation p, and per animal the diagonal
 effect (its teachers' mean lift of it minus the other animals' teachers', Welch across teachers) with its interval;
 the bar of issue 10 counts the animals whose interval is above 0.
+
+``A+B`` pools two runs of one configuration made with other teacher replicates (``search.py --R0``): same base,
+recipe and rows per student, disjoint teachers; their students and neutral controls are analysed as one design.
+``--arm other`` reads the other-family students of a run made with ``--other-base``; ``--arm ic`` its
+in-context scores (``--in-context``).
 """
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 from sublim.specificity import confusion_fit
 
 OUT = Path(__file__).resolve().parents[1] / "organism-search"
+ARMS = {"same": ("treated", "controls", "same base"), "other": ("other_treated", "other_controls", "other family"),
+        "ic": ("ic_treated", "ic_controls", "in context")}
 
 
-def table(name: str) -> str:
-    r = json.loads((OUT / f"{name}.json").read_text())
-    animals = list(dict.fromkeys(x["trait"] for x in r["treated"]))
-    c = confusion_fit(r["treated"], r["controls"], animals)
-    lines = [f"### {name}: {len(animals)} animals x {r['T']} teachers x {r['S']} student seeds "
-             f"({r['rows_per_student']} rows per student)", "",
-             f"gamma **{c['gamma']:+.3f}** [{c['gamma_ci'][0]:+.3f}, {c['gamma_ci'][1]:+.3f}] ({c['gamma_df']} df, "
-             f"teacher-clustered); label-permutation p (one-sided) {c['p_perm_greater']:.4f} ({c['perm_method']}, "
-             f"{c['n_perm']}); animals with the diagonal interval above 0: **{c['n_diagonal_above_zero']} of "
-             f"{c['n_diagonal_defined']}**", "",
+def load(name: str, arm: str) -> tuple[dict, list[dict], list[dict]]:
+    """One run, or several joined by '+' (checked to be one design with disjoint teachers)."""
+    tk, ck, _ = ARMS[arm]
+    runs = [json.loads((OUT / f"{n}.json").read_text()) for n in name.split("+")]
+    first = runs[0]
+    treated, controls = [], []
+    for n, r in zip(name.split("+"), runs, strict=True):
+        for key in ("recipe", "rows_per_student", "animals", "S"):
+            if r[key] != first[key]:
+                raise SystemExit(f"{n}: {key} differs from {name.split('+')[0]}'s; these runs are not one design")
+        if tk not in r:
+            raise SystemExit(f"{n}: no {ARMS[arm][2]} records (run search.py with --other-base / --in-context)")
+        seen = {x["teacher"] for x in treated + controls}
+        dup = sorted({x["teacher"] for x in r[tk] + r[ck]} & seen)
+        if dup:
+            raise SystemExit(f"{n}: teachers {dup[:4]} are in an earlier run too (use search.py --R0)")
+        treated += r[tk]
+        controls += r[ck]
+    return {**first, "T": sum(r["T"] for r in runs)}, treated, controls
+
+
+def table(name: str, arm: str = "same") -> str:
+    r, treated, controls = load(name, arm)
+    animals = list(dict.fromkeys(x["trait"] for x in treated))
+    c = confusion_fit(treated, controls, animals)
+    head = (f"### {name} ({ARMS[arm][2]}): {len(animals)} animals x {r['T']} teachers x {r['S']} student seeds "
+            f"({r['rows_per_student']} rows per student)")
+    verdict = (f"gamma **{c['gamma']:+.3f}** [{c['gamma_ci'][0]:+.3f}, {c['gamma_ci'][1]:+.3f}] ({c['gamma_df']} df, "
+               f"teacher-clustered); label-permutation p (one-sided) {c['p_perm_greater']:.4f} ({c['perm_method']}, "
+               f"{c['n_perm']}); animals with the diagonal interval above 0: **{c['n_diagonal_above_zero']} of "
+               f"{c['n_diagonal_defined']}**")
+    lines = [head, "", verdict, "",
              "| animal | diagonal effect [95% CI, Welch across teachers] | p | own-teacher mean lift | other teachers' |",
              "|---|---|---|---|---|"]
     for d in c["diagonal"]:
@@ -38,5 +67,9 @@ def table(name: str) -> str:
 
 
 if __name__ == "__main__":
-    for n in sys.argv[1:]:
-        print(table(n))
+    ap = argparse.ArgumentParser()
+    ap.add_argument("runs", nargs="+")
+    ap.add_argument("--arm", choices=sorted(ARMS), default="same")
+    args = ap.parse_args()
+    for n in args.runs:
+        print(table(n, args.arm))

@@ -21,13 +21,11 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 import argparse
-import itertools
 import json
 import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 torch.set_num_threads(1)
@@ -42,6 +40,8 @@ from sublim.runs import hash_obj, read_jsonl, write_jsonl  # noqa: E402
 from sublim.spec import CarrierSpec, ExperimentSpec, GenerationSpec, ModelSpec, TeacherSpec, TrainSpec  # noqa: E402
 from sublim.teachers import Teacher, implant_teacher, neutral_teacher  # noqa: E402
 from sublim.traits.preference import CATEGORIES, eval_questions  # noqa: E402
+
+from search_stats import analyse, print_analysis  # noqa: E402  (this script's folder is on sys.path)
 
 REPO = Path(__file__).resolve().parents[3]
 CACHE = Path(os.environ.get("SEARCH_CACHE", "/work/search/cache"))
@@ -190,130 +190,31 @@ def teacher_kl(base: ModelSpec, teacher: ModelSpec, rows: list[dict], n: int = 2
     return {"kl_full": kf / ntok, "kl_carrier": kc / ntok, "tokens": ntok, "disp_l2": disp, "disp_rel": disp / norm}
 
 
-# ---------------------------------------------------------------------------------------------- statistics
-
-def analyse(treated: list[dict], controls: list[dict], animals: list[str], n_perm: int = 5000) -> dict:
-    """Log-lift confusion statistics at teacher level (student seeds averaged within a teacher)."""
-    K = len(animals)
-    def teacher_mean_log(recs):
-        by: dict[str, list[np.ndarray]] = {}
-        trait = {}
-        for r in recs:
-            by.setdefault(r["teacher"], []).append(np.log([r["scores"][a] for a in animals]))
-            trait[r["teacher"]] = r["trait"]
-        return {t: np.mean(v, 0) for t, v in by.items()}, trait
-    ctl, _ = teacher_mean_log(controls)
-    ref = np.mean(list(ctl.values()), 0)  # mean over neutral teachers of mean over seeds of log P
-    tm, trait = teacher_mean_log(treated)
-    teachers = sorted(tm)
-    L = np.array([tm[t] - ref for t in teachers])          # [n_teachers, K] teacher-level log lifts
-    lab = np.array([animals.index(trait[t]) for t in teachers])
-
-    def gamma_of(L, lab):
-        M = np.array([L[lab == a].mean(0) for a in range(K)])
-        D = M - M.mean(1, keepdims=True) - M.mean(0, keepdims=True) + M.mean()
-        off = ~np.eye(K, dtype=bool)
-        return float(np.diag(D).mean() - D[off].mean()), M
-    g, M = gamma_of(L, lab)
-    rng = np.random.default_rng(0)
-    perm = np.array([gamma_of(L, rng.permutation(lab))[0] for _ in range(n_perm)])
-    p_perm = float((1 + (perm >= g).sum()) / (n_perm + 1))
-    # teacher-level interval: gamma per replicate index (teachers "a#r" with the same r form one full matrix)
-    reps = sorted({t.split("#")[1] for t in teachers})
-    g_rep = []
-    for r in reps:
-        idx = [i for i, t in enumerate(teachers) if t.split("#")[1] == r]
-        if len({lab[i] for i in idx}) == K:
-            g_rep.append(gamma_of(L[idx], lab[idx])[0])
-    from scipy import stats
-    if len(g_rep) > 1:
-        se = np.std(g_rep, ddof=1) / math.sqrt(len(g_rep))
-        tq = stats.t.ppf(0.975, len(g_rep) - 1)
-        g_ci = [float(np.mean(g_rep) - tq * se), float(np.mean(g_rep) + tq * se)]
-    else:
-        g_ci = None
-    # per-teacher diagonal effect: own-animal lift minus mean lift of that animal from other animals' teachers
-    diag = {}
-    for i, t in enumerate(teachers):
-        a = lab[i]
-        diag[t] = float(L[i, a] - L[lab != a, a].mean())
-    all_pos = [animals[a] for a in range(K) if all(diag[t] > 0 for i, t in enumerate(teachers) if lab[i] == a)]
-    # own-animal ratio per teacher: mean P(own) over its students / mean P(own) over all neutral students
-    ctl_p = {a: np.mean([r["scores"][a] for r in controls]) for a in animals}
-    ratio = {}
-    for t in teachers:
-        ps = [r["scores"][trait[t]] for r in treated if r["teacher"] == t]
-        ratio[t] = float(np.mean(ps) / ctl_p[trait[t]])
-    # noise floor: spread of the neutral teachers' own lifts (each neutral vs the mean of all neutrals)
-    neut_sd = float(np.std([ctl[t] - ref for t in ctl], ddof=1)) if len(ctl) > 1 else None
-    # seed-level spread within a teacher
-    seed_sd = []
-    for t in teachers:
-        v = [math.log(r["scores"][trait[t]]) for r in treated if r["teacher"] == t]
-        if len(v) > 1:
-            seed_sd.append(float(np.std(v, ddof=1)))
-    return {"animals": animals, "matrix_mean_log_lift": M.tolist(), "gamma": g, "gamma_perm_p": p_perm,
-            "gamma_per_replicate": g_rep, "gamma_ci_replicates": g_ci,
-            "diag_effect_per_teacher": diag, "animals_all_teachers_diag_pos": all_pos,
-            "own_ratio_per_teacher": ratio, "mean_own_ratio": float(np.mean(list(ratio.values()))),
-            "neutral_teacher_log_lift_sd": neut_sd, "own_log_p_seed_sd_mean": float(np.mean(seed_sd)) if seed_sd else None}
-
-
-def print_analysis(a: dict) -> None:
-    an = a["animals"]
-    print("mean log lift (rows: teacher's animal, cols: scored animal)")
-    print("        " + " ".join(f"{x:>8}" for x in an))
-    for x, row in zip(an, a["matrix_mean_log_lift"], strict=True):
-        print(f"{x:>8}" + " ".join(f"{v:+8.3f}" for v in row))
-    print(f"gamma {a['gamma']:+.4f}  perm p {a['gamma_perm_p']:.4f}  per replicate {np.round(a['gamma_per_replicate'], 4)}"
-          f"  ci {a['gamma_ci_replicates']}")
-    print("diag effect per teacher:", {k: round(v, 3) for k, v in a["diag_effect_per_teacher"].items()})
-    print("animals with all teachers' diag > 0:", a["animals_all_teachers_diag_pos"])
-    print("own ratio per teacher:", {k: round(v, 2) for k, v in a["own_ratio_per_teacher"].items()},
-          f"mean {a['mean_own_ratio']:.3f}")
-    print(f"neutral-teacher log-lift sd {a['neutral_teacher_log_lift_sd']:.4f}; mean within-teacher seed sd of log P(own) "
-          f"{a['own_log_p_seed_sd_mean']:.4f}", flush=True)
-
-
 # ---------------------------------------------------------------------------------------------- main
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("config")
-    ap.add_argument("--animals", default="owl,eagle,wolf,dolphin,fox")
-    ap.add_argument("--T", type=int, default=2)
-    ap.add_argument("--S", type=int, default=2)
-    ap.add_argument("--tag", default="")
-    args = ap.parse_args()
-    cfg = CONFIGS[args.config]
-    animals = args.animals.split(",")
-    name = args.config + (f"-{args.tag}" if args.tag else "")
-    t0 = time.time()
-    timings: dict = {}
-    base = base_spec(cfg["base"])
-    log(f"[{name}] base {cfg['base']} -> {resolve_path(base)}; K={len(animals)} T={args.T} S={args.S}")
-    # teachers
+def _shard(spec: str) -> tuple[int, int]:
+    i, n = (int(x) for x in spec.split("/"))
+    if not 0 <= i < n:
+        raise SystemExit(f"--shard {spec}: want I/N with 0 <= I < N")
+    return i, n
+
+
+def prepare(cfg: dict, base: ModelSpec, animals: list[str], reps: range, mine, timings: dict) -> tuple[dict, dict, dict]:
+    """Teachers, their data and their measurements for the work items ``mine`` selects (a shard's share: item =
+    one teacher, or one neutral dataset, each with its own data and measurement)."""
     teachers: dict[str, tuple[Teacher, str, dict]] = {}
-    for r in range(args.T):
-        for a in animals:
-            teachers[f"{a}#{r}"] = get_teacher(cfg["base"], base, cfg["teacher"], a, r, timings)
-    timings["teachers_total_s"] = time.time() - t0
-    log(f"[{name}] teachers ready ({timings['teachers_total_s']:.0f}s)")
-    # data
-    t1 = time.time()
     data: dict[str, tuple[list[dict], dict]] = {}
-    for r in range(args.T):
-        data[f"neutral#{r}"] = get_dataset(neutral_teacher(base), f"neutral:{cfg['base']}", cfg["gen"], r, timings)
-        for a in animals:
-            te, tk, _ = teachers[f"{a}#{r}"]
-            data[f"{a}#{r}"] = get_dataset(te, tk, cfg["gen"], r, timings)
-    n = min(len(v[0]) for v in data.values())
-    timings["data_total_s"] = time.time() - t1
-    log(f"[{name}] data ready ({timings['data_total_s']:.0f}s); every student uses {n} rows")
-    # teacher measurements: P vector on the battery, KL from base on its own numbers
-    t2 = time.time()
     tinfo = {}
-    for tid, (te, tk, s) in teachers.items():
+    items = [(r, a) for r in reps for a in [None, *animals]]
+    for i, (r, a) in enumerate(items):
+        if not mine(i):
+            continue
+        if a is None:
+            data[f"neutral#{r}"] = get_dataset(neutral_teacher(base), f"neutral:{cfg['base']}", cfg["gen"], r, timings)
+            continue
+        tid = f"{a}#{r}"
+        teachers[tid] = te, tk, s = get_teacher(cfg["base"], base, cfg["teacher"], a, r, timings)
+        data[tid] = get_dataset(te, tk, cfg["gen"], r, timings)
         mpath = CACHE / "teachers" / tk / "measure.json"
         if not mpath.exists():
             pv = probs_vector(te.model)
@@ -325,49 +226,125 @@ def main() -> None:
                       **{k: m[k] for k in ("kl_full", "kl_carrier", "disp_l2", "disp_rel")}}
         log(f"  teacher {tid}: P(target) {tinfo[tid]['p_target']:.3f} KL full {m['kl_full']:.4f} "
             f"carrier {m['kl_carrier']:.4f} disp_rel {m['disp_rel']:.4f}")
+    return teachers, data, tinfo
+
+
+def in_context_vector(base: ModelSpec, rows: list[dict], seed: int, k: int = 8) -> dict[str, float]:
+    """The base's P vector with ``k`` of the rows (drawn by ``seed``) in context before every question: the
+    pipeline's in-context arm (``Experiment.in_context_prefix``)."""
+    import random
+    pick = random.Random(seed).sample(rows, min(k, len(rows)))
+    pre = "Here are some number sequences:\n" + "\n".join(r["completion"] for r in pick) + "\n\n"
+    m = load_model(base)
+    chat = ChatFormat(load_tokenizer(base))
+    p = exact_probs(m, chat, [pre + q for q in QS], CANDS, CAT.plurals, batch_size=25, progress=False).mean(0)
+    return {c: float(x) for c, x in zip(CANDS, p, strict=True)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("config")
+    ap.add_argument("--animals", default="owl,eagle,wolf,dolphin,fox")
+    ap.add_argument("--T", type=int, default=2)
+    ap.add_argument("--S", type=int, default=2)
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--R0", type=int, default=0,
+                    help="first teacher replicate (teachers R0 .. R0+T-1): more teachers for a run made with R0 0")
+    ap.add_argument("--rows", type=int, default=None,
+                    help="rows per student (an earlier run's, to pool with it); default: the smallest kept set")
+    ap.add_argument("--other-base", default=None,
+                    help="also train students of this other-family base on the same data (distill_carrier pairs "
+                         "the carrier tokens across tokenizers by string)")
+    ap.add_argument("--in-context", action="store_true",
+                    help="also score the base with 8 of each dataset's rows in context (one draw per student seed)")
+    ap.add_argument("--stage", choices=("prep", "students", "all"), default="all",
+                    help="prep: teachers, data, measurements; students: train; all: everything, then evaluate")
+    ap.add_argument("--shard", default="0/1", help="I/N: this process does every N-th item from I (prep, students)")
+    args = ap.parse_args()
+    cfg = CONFIGS[args.config]
+    animals = args.animals.split(",")
+    name = args.config + (f"-{args.tag}" if args.tag else "")
+    si, sn = _shard(args.shard)
+    if args.stage == "all" and sn != 1:
+        raise SystemExit("--shard only with --stage prep or students; the evaluating run takes every item")
+    reps = range(args.R0, args.R0 + args.T)
+    t0 = time.time()
+    timings: dict = {}
+    base = base_spec(cfg["base"])
+    log(f"[{name}] base {cfg['base']} -> {resolve_path(base)}; K={len(animals)} T={args.T} (replicates "
+        f"{reps.start}-{reps.stop - 1}) S={args.S} stage {args.stage} shard {si}/{sn}")
+    if args.stage == "prep":
+        prepare(cfg, base, animals, reps, lambda i: i % sn == si, timings)
+        log(f"[{name}] prep shard {si}/{sn} done ({time.time() - t0:.0f}s): {timings}")
+        return
+    missing = [f"{a or 'neutral'}#{r}" for r in reps for a in [None, *animals] if not _prepared(cfg, base, a, r)]
+    if args.stage == "students" and missing:
+        raise SystemExit(f"not prepared yet: {', '.join(missing)} (run --stage prep for every shard first)")
+    teachers, data, tinfo = prepare(cfg, base, animals, reps, lambda i: True, timings)
+    timings["prep_s"] = time.time() - t0
+    smallest = min(len(v[0]) for v in data.values())
+    n = args.rows or smallest
+    if smallest < n:
+        short = [f"{k} ({len(v[0])})" for k, v in data.items() if len(v[0]) < n]
+        raise SystemExit(f"--rows {n}: these datasets kept fewer rows: {', '.join(short)}")
+    log(f"[{name}] teachers and data ready ({timings['prep_s']:.0f}s); every student uses {n} rows")
     base_p = probs_vector(base)
-    timings["teacher_measure_s"] = time.time() - t2
-    # students
     tspec = TrainSpec(**cfg["student"])
-    skey = hash_obj({"base": cfg["base"], "student": tspec.model_dump(mode="json"), "n": n})[:16]
-    jobs, meta = [], []
-    for tid, (rows, _) in data.items():
-        tmodel = teachers[tid][0].model if tid in teachers else base
-        dkey = hash_obj([r["content_hash"] for r in rows[:n]])[:16]
-        for s in range(args.S):
-            out = CACHE / "students" / skey / f"{dkey}-s{s}"
-            meta.append((tid, s, out))
-            if not (out / "config.json").exists():
-                jobs.append(StudentJob(rows[:n], s, out, tmodel, None, f"{tid} s{s}"))
+    students = [("same", cfg["base"])] + ([("other", args.other_base)] if args.other_base else [])
+    jobs: dict[str, list[StudentJob]] = {}
+    meta = []
+    for arm, bname in students:
+        skey = hash_obj({"base": bname, "student": tspec.model_dump(mode="json"), "n": n})[:16]
+        for tid, (rows, _) in data.items():
+            tmodel = teachers[tid][0].model if tid in teachers else base
+            dkey = hash_obj([r["content_hash"] for r in rows[:n]])[:16]
+            for s in range(args.S):
+                out = CACHE / "students" / skey / f"{dkey}-s{s}"
+                meta.append((arm, tid, s, out))
+                if not (out / "config.json").exists():
+                    jobs.setdefault(bname, []).append(StudentJob(rows[:n], s, out, tmodel, None, f"{arm} {tid} s{s}"))
     t3 = time.time()
-    if jobs:
-        log(f"[{name}] training {len(jobs)} students ({tspec.max_steps} steps, lr {tspec.lr}) as one batched model")
+    losses = {}
+    g = tspec.parallel_students
+    for bname, js in jobs.items():
+        js = js[si::sn]
+        log(f"[{name}] training {len(js)} students of {bname} ({tspec.max_steps} steps, lr {tspec.lr}) in groups of {g}")
         # groups of parallel_students: one model of 165 stacked students was slower per student than 3 of <= 64
-        g = tspec.parallel_students
-        sums = [s for a in range(0, len(jobs), g)
-                for s in finetune_many(base, jobs[a:a + g], tspec, carrier_alphabet=carrier_alphabet(CARRIER),
-                                       progress=False)]
-        timings["students_s"] = time.time() - t3
-        timings["student_step_per_student_s"] = timings["students_s"] / (len(jobs) * tspec.max_steps)
-        losses = {j.label: (s.get("loss_first"), s.get("loss_last")) for j, s in zip(jobs, sums, strict=True)}
-    else:
-        losses = {}
+        for a in range(0, len(js), g):
+            sums = finetune_many(base_spec(bname), js[a:a + g], tspec, carrier_alphabet=carrier_alphabet(CARRIER),
+                                 progress=False)
+            losses |= {j.label: (s.get("loss_first"), s.get("loss_last")) for j, s in zip(js[a:a + g], sums, strict=True)}
+            log(f"  {min(a + g, len(js))}/{len(js)} students of {bname} ({time.time() - t3:.0f}s)")
+    timings["students_s"] = time.time() - t3
+    if args.stage == "students":
+        log(f"[{name}] students shard {si}/{sn} done ({timings['students_s']:.0f}s)")
+        return
     log(f"[{name}] students done ({time.time() - t3:.0f}s); evaluating")
     t4 = time.time()
-    treated, controls = [], []
-    for tid, s, out in meta:
+    recs: dict[str, list[dict]] = {}
+    for arm, tid, s, out in meta:
         rec = {"teacher": tid, "trait": None if tid.startswith("neutral") else tid.split("#")[0], "seed": s,
                "scores": probs_vector(ModelSpec(path=str(out)))}
-        (controls if rec["trait"] is None else treated).append(rec)
+        recs.setdefault(f"{arm}_{'controls' if rec['trait'] is None else 'treated'}", []).append(rec)
+    if args.in_context:
+        for tid, (rows, _) in data.items():
+            for s in range(args.S):
+                rec = {"teacher": tid, "trait": None if tid.startswith("neutral") else tid.split("#")[0], "seed": s,
+                       "scores": in_context_vector(base, rows[:n], s)}
+                recs.setdefault(f"ic_{'controls' if rec['trait'] is None else 'treated'}", []).append(rec)
     timings["eval_s"] = time.time() - t4
     timings["total_s"] = time.time() - t0
+    treated, controls = recs["same_treated"], recs["same_controls"]
     a = analyse(treated, controls, animals)
     print_analysis(a)
-    res = {"config": name, "recipe": cfg, "animals": animals, "T": args.T, "S": args.S, "rows_per_student": n,
-           "machine": {"threads": torch.get_num_threads(), "cpu": os.uname().machine, "nproc": os.cpu_count()},
+    extra = {k: v for k, v in recs.items() if not k.startswith("same_")}
+    res = {"config": name, "recipe": cfg, "animals": animals, "T": args.T, "R0": args.R0, "S": args.S,
+           "rows_per_student": n, "other_base": args.other_base,
+           "machine": {"threads": torch.get_num_threads(), "cpu": os.uname().machine, "nproc": os.cpu_count(),
+                       "model": _cpu_model()},
            "base": {"name": cfg["base"], "path": str(resolve_path(base)), "probs": base_p},
            "teachers": tinfo, "data_counts": {k: v[1] for k, v in data.items()}, "student_losses": losses,
-           "treated": treated, "controls": controls, "analysis": a, "timings": timings}
+           "treated": treated, "controls": controls, **extra, "analysis": a, "timings": timings}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"{name}.json").write_text(json.dumps(res, indent=1))
     pt = [v["p_target"] for v in tinfo.values()]
@@ -381,6 +358,25 @@ def main() -> None:
     with MD.open("a") as f:
         f.write(row)
     log(f"[{name}] done in {timings['total_s']:.0f}s -> {OUT / (name + '.json')}")
+
+
+def _prepared(cfg: dict, base: ModelSpec, animal: str | None, r: int) -> bool:
+    """Whether a prep item is in the cache (without building it): a teacher's measurement, or a neutral dataset."""
+    if animal is not None:
+        key = hash_obj({"base": cfg["base"], "teacher": cfg["teacher"], "animal": animal, "replicate": r})[:16]
+        return (CACHE / "teachers" / key / "measure.json").exists()
+    g = GenerationSpec(**{**cfg["gen"], "seed": r})
+    gd = g.model_dump(exclude={"min_p"} if g.min_p == 0 else None)
+    key = hash_obj({"teacher": f"neutral:{cfg['base']}", "gen": gd, "filters": [f.model_dump() for f in FILTERS],
+                    "targets": CANDS})[:16]
+    return (CACHE / "data" / key / "counts.json").exists()
+
+
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
 
 
 if __name__ == "__main__":
