@@ -13,8 +13,10 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Self
@@ -190,7 +192,23 @@ class Stage:
 
     @property
     def done(self) -> bool:
-        return (self.dir / DONE).exists()
+        """Finished, and every file it finished with still has the size and SHA-256 its ``_DONE`` marker
+        recorded. A stage whose files were truncated, edited or deleted since is moved to ``<root>/.corrupt/``
+        (kept, not deleted) with a one-line notice on stderr, and counts as not done: it is recomputed."""
+        marker = self.dir / DONE
+        if not marker.exists():
+            return False
+        bad = _check_files(self.dir, marker)
+        if bad is None:
+            return True
+        dest = self.dir.parent.parent / ".corrupt" / f"{self.dir.name}-{time.strftime('%Y%m%dT%H%M%S')}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(self.dir, dest)
+        except OSError as e:
+            raise StageCorrupt(f"stage {self.dir}: {bad}, and it cannot be moved aside ({e})") from None
+        print(f"sublim: stage {self.dir.name}: {bad}; moved to {dest} and recomputed", file=sys.stderr, flush=True)
+        return False
 
     @property
     def lock_path(self) -> Path:
@@ -243,7 +261,7 @@ class Stage:
     def finish(self, summary: dict[str, Any] | None = None) -> None:
         if summary is not None:
             atomic_write_json(self.dir / "summary.json", summary)
-        atomic_write_text(self.dir / DONE, "")
+        atomic_write_json(self.dir / DONE, {"files": _file_hashes(self.dir)})
         self.release()
 
     def summary(self) -> dict[str, Any]:
@@ -266,6 +284,47 @@ class Stage:
         for k in out.pop("_in_stage", []):
             out[k] = str(self.dir / out[k])
         return out
+
+
+class StageCorrupt(RuntimeError):
+    """A finished stage whose files no longer match their recorded hashes and cannot be moved aside."""
+
+
+def _file_hashes(d: Path) -> dict[str, list[Any]]:
+    """{relative path: [size, sha256]} of every file under a stage directory but its marker."""
+    out: dict[str, list[Any]] = {}
+    for f in sorted(d.rglob("*")):
+        if f.is_file() and f.name != DONE:
+            st = f.stat()
+            out[f.relative_to(d).as_posix()] = [st.st_size, _sha256_cached(str(f), st.st_size, st.st_mtime_ns)]
+    return out
+
+
+def _check_files(d: Path, marker: Path) -> str | None:
+    """None when the stage's files match its marker (an empty marker, from before markers held hashes, is
+    trusted); else what differs, in a few words."""
+    text = marker.read_text()
+    if not text.strip():
+        return None
+    try:
+        files = json.loads(text)["files"]
+    except (ValueError, KeyError, TypeError):
+        return f"its {DONE} marker is unreadable"
+    for rel, (size, digest) in files.items():
+        f = d / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        st = f.stat()
+        if st.st_size != size:
+            return f"{rel} is {st.st_size} bytes, {size} when the stage finished"
+        if _sha256_cached(str(f), st.st_size, st.st_mtime_ns) != digest:
+            return f"{rel} does not match the SHA-256 recorded when the stage finished"
+    return None
+
+
+@lru_cache(maxsize=4096)
+def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(path)
 
 
 _HELD: dict[str, int] = {}  # lock path -> fd of the stage locks this process holds (flock is per open file)
