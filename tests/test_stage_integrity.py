@@ -29,7 +29,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> dict
 
 
 def _one(run: Path, prefix: str) -> Path:
-    return sorted((run / "stages").glob(f"{prefix}-*"))[0]
+    return min((run / "stages").glob(f"{prefix}-*"))
 
 
 def _damage_and_rerun(finished: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str],

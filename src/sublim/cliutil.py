@@ -9,6 +9,7 @@ from typing import Any
 import typer
 
 EXIT_INPUT = 2
+EXIT_SYSTEM = 3  # the disk or the file system refused (full, read-only): the input was fine
 
 
 def fail(msg: str, code: int = EXIT_INPUT) -> None:
@@ -40,3 +41,6 @@ def guard(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     except (SpecError, ModelLoadError, FileNotFoundError, KeyError, ValueError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         fail(str(msg).splitlines()[0] if str(msg) else type(e).__name__)
+    except OSError as e:  # the machine, not the input: a full disk, a read-only or unwritable directory
+        where = f"{e.filename}: " if e.filename else ""
+        fail(f"{where}{e.strerror or e} (finished stages are intact: fix this and rerun to resume)", EXIT_SYSTEM)

@@ -383,6 +383,8 @@ def run(spec: ExperimentSpec, run_dir: str | Path, log: Log = print, progress: b
     except BaseException as e:
         release_held()  # the unfinished stages can be claimed again (a retry in this process, another process)
         runindex.finish(run_dir, error=f"{type(e).__name__}: {e}")
+        if isinstance(e, OSError) and e.errno is not None and not e.filename:  # a write deep in a library
+            raise OSError(e.errno, e.strerror, f"{run_dir} (writing its files)") from e
         raise
     runindex.finish(run_dir, results=results)
     return results
