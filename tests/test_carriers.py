@@ -7,6 +7,8 @@ import re
 from collections import deque
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sublim.carriers import CARRIERS, Carrier, CarrierPrompt, Grammar, build_carrier
 from sublim.carriers.numbers import SEPARATORS, NumberCarrier, NumberGrammar, parse_numbers
@@ -287,3 +289,15 @@ def test_format_answer_refuses_what_the_prompt_forbids(carrier: NumberCarrier) -
 
 def test_module_parser_is_the_carriers(carrier: NumberCarrier) -> None:
     assert parse_numbers("1; 2") == carrier.parse("1; 2")
+
+
+@settings(max_examples=400, deadline=None)
+@given(sep=st.sampled_from([", ", ",", "; ", "\n", " ", " | "]), count=st.integers(1, 6), digits=st.integers(1, 4),
+       text=st.text(alphabet="0123456789,; \n|a", max_size=30))
+def test_grammar_regex_accepts_exactly_the_grammars_answers(sep: str, count: int, digits: int, text: str) -> None:
+    """The regex handed to engines that constrain by regex (vLLM) is the automaton's language, not a cousin."""
+    g = NumberGrammar(sep, count, digits)
+    by_automaton = g.accepts(g.feed(g.start(), text))
+    assert (re.fullmatch(g.regex(), text) is not None) == by_automaton
+    answer = sep.join(["7" * digits] * count)  # the longest well-formed answer is in both
+    assert re.fullmatch(g.regex(), answer) and g.accepts(g.feed(g.start(), answer))

@@ -64,6 +64,11 @@ class Grammar(Protocol):
         """Step over every character of ``text``; None as soon as one is not allowed."""
         ...
 
+    def regex(self) -> str:
+        """The same language as a regular expression (the complete answers), for engines that constrain
+        decoding by regex (vLLM's structured outputs)."""
+        ...
+
 
 @runtime_checkable
 class Carrier(Protocol):

@@ -168,6 +168,11 @@ class NumberGrammar:
             state = self.step(state, ch)
         return state
 
+    def regex(self) -> str:
+        num = f"[0-9]{{1,{self.max_digits}}}"
+        more = f"(?:{re.escape(self.separator)}{num}){{0,{self.count - 1}}}"
+        return num + more
+
 
 # ------------------------------------------------------------------------------------------ carrier
 
