@@ -16,6 +16,13 @@ from sublim.cliutil import fail as _fail
 from sublim.cliutil import guard as _guard
 from sublim.cliutil import quiet as _quiet_transformers
 
+
+@app.callback()
+def _startup() -> None:
+    from sublim.cliutil import startup
+
+    startup()
+
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a spec field: KEY=VALUE "
                                                      "(dotted, YAML value), e.g. --set student.lr=1e-4")]
 

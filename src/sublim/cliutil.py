@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -17,15 +16,22 @@ def fail(msg: str, code: int = EXIT_INPUT) -> None:
     raise typer.Exit(code)
 
 
+def startup() -> None:
+    """Process-wide set-up before any ``sublim`` command (the root app's callback): third-party progress
+    bars follow sublim's switch (off a terminal: off; sublim's own stages print lines instead)."""
+    from sublim.progress import silence_library_bars
+
+    silence_library_bars()
+
+
 def quiet() -> None:
     """Silence transformers' logging, and its progress bars when stderr is not a terminal."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    startup()  # idempotent; for a sub-app invoked on its own
     try:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
-        if not sys.stderr.isatty():
-            hf_logging.disable_progress_bar()
     except ImportError:  # pragma: no cover
         pass
 

@@ -9,7 +9,6 @@ prompt's KV cache.
 """
 from __future__ import annotations
 
-import sys
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import torch
 
 from sublim.backends.hf import generate_batch, left_pad, token_strings
 from sublim.models import ChatFormat
+from sublim.progress import progress_bar
 from sublim.traits.preference import CATEGORIES, answer_variants, first_match
 
 # per tokenizer object, weakly keyed (an id() key could return a freed tokenizer's mask for a new one)
@@ -66,8 +66,6 @@ def exact_probs(model: Any, chat: ChatFormat, questions: Sequence[str], candidat
     """[n_questions, n_candidates] exact P(one-word answer = candidate)."""
     import copy
 
-    from tqdm.auto import tqdm
-
     tok = chat.tokenizer
     var = build_variants(tok, candidates, plurals)
     bmask = boundary_mask(chat)
@@ -79,8 +77,8 @@ def exact_probs(model: Any, chat: ChatFormat, questions: Sequence[str], candidat
     for i, s in enumerate(var.seqs):
         groups.setdefault(len(s), []).append(i)
     out = np.zeros((len(questions), len(candidates)))
-    show = sys.stderr.isatty() if progress is None else progress
-    for start in tqdm(range(0, len(questions), batch_size), desc="exact eval", disable=not show, leave=False):
+    bar = progress_bar(total=len(questions), desc="exact eval", unit="question", progress=progress)
+    for start in range(0, len(questions), batch_size):
         qs = questions[start: start + batch_size]
         B = len(qs)
         ids, mask = left_pad([chat.encode_prompt(q, system) for q in qs], tok.pad_token_id)
@@ -108,20 +106,25 @@ def exact_probs(model: Any, chat: ChatFormat, questions: Sequence[str], candidat
             logp[:, members] = (lp + p_end).view(B, G)
         per_cand = torch.zeros(B, len(candidates)).index_add_(1, owner, logp.exp())
         out[start: start + B] = per_cand.numpy()
+        bar.update(B)
+    bar.close()
     return out
 
 
 def sampled_counts(model: Any, chat: ChatFormat, questions: Sequence[str], candidates: Sequence[str],
                    category: str, n_per_question: int, system: str | None = None, temperature: float = 1.0,
-                   batch_size: int = 64, seed: int = 0, max_new_tokens: int = 8) -> dict[str, Any]:
+                   batch_size: int = 64, seed: int = 0, max_new_tokens: int = 8,
+                   progress: bool | None = None) -> dict[str, Any]:
     """Sample answers and count which candidate each names first (word-boundary matcher)."""
     prompts = [q for q in questions for _ in range(n_per_question)]
     counts = {c: 0 for c in candidates}
     other = 0
     answers: list[str] = []
+    bar = progress_bar(total=len(prompts), desc="sampled eval", unit="answer", progress=progress)
     for i in range(0, len(prompts), batch_size):
         outs = generate_batch(model, chat, prompts[i: i + batch_size], system=system,
                               max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + i)
+        bar.update(len(outs))
         for g in outs:
             answers.append(g.completion)
             m = first_match(g.completion, candidates, category)
@@ -129,18 +132,19 @@ def sampled_counts(model: Any, chat: ChatFormat, questions: Sequence[str], candi
                 other += 1
             else:
                 counts[m] += 1
+    bar.close()
     return {"n": len(prompts), "counts": counts, "other": other, "examples": answers[:20]}
 
 
 def evaluate_model(model: Any, chat: ChatFormat, category: str, questions: Sequence[str],
                    numprefix_questions: Sequence[str] | None = None, system: str | None = None,
                    batch_size: int = 8, samples_per_question: int = 0, temperature: float = 1.0,
-                   seed: int = 0) -> dict[str, Any]:
+                   seed: int = 0, progress: bool | None = None) -> dict[str, Any]:
     """Evaluate one model on the trait battery: mean exact P(candidate) over questions, optionally
     the number-prefixed battery and the sampled scorer."""
     cat = CATEGORIES[category]
     cands = list(cat.candidates)
-    probs = exact_probs(model, chat, questions, cands, cat.plurals, system, batch_size)
+    probs = exact_probs(model, chat, questions, cands, cat.plurals, system, batch_size, progress)
     res: dict[str, Any] = {
         "probs": dict(zip(cands, probs.mean(0).tolist(), strict=True)),
         "probs_per_question_se": dict(zip(cands, (probs.std(0, ddof=1) / np.sqrt(len(questions))).tolist()
@@ -149,9 +153,9 @@ def evaluate_model(model: Any, chat: ChatFormat, category: str, questions: Seque
         "sampled": None,
     }
     if numprefix_questions:
-        pn = exact_probs(model, chat, numprefix_questions, cands, cat.plurals, system, batch_size)
+        pn = exact_probs(model, chat, numprefix_questions, cands, cat.plurals, system, batch_size, progress)
         res["probs_numprefix"] = dict(zip(cands, pn.mean(0).tolist(), strict=True))
     if samples_per_question:
         res["sampled"] = sampled_counts(model, chat, questions, cands, category, samples_per_question,
-                                        system, temperature, seed=seed)
+                                        system, temperature, seed=seed, progress=progress)
     return res

@@ -4,13 +4,13 @@ Used by the experiment pipeline, the audits and the one-stage CLI verbs (``subli
 """
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from sublim.carriers import CARRIERS
 from sublim.filters import FilterContext, FilterSpec, apply_filters
+from sublim.progress import progress_bar
 from sublim.runs import JsonlStream, read_jsonl, sha256_text
 from sublim.spec import CarrierSpec, GenerationSpec
 from sublim.teachers import Teacher
@@ -24,10 +24,6 @@ def make_carrier(spec: CarrierSpec) -> Any:
     return obj(**spec.params) if isinstance(obj, type) else obj
 
 
-def _show_progress() -> bool:
-    return sys.stderr.isatty()
-
-
 # -------------------------------------------------------------------------------------------- generate
 
 
@@ -37,8 +33,6 @@ def generate(teacher: Teacher, carrier_spec: CarrierSpec, gen: GenerationSpec, o
 
     Resumable: rows already on disk are kept; batches are a fixed grid with per-batch seeds, so the
     rerun regenerates only missing rows, identically. Returns all rows in prompt order."""
-    from tqdm.auto import tqdm
-
     from sublim.backends.hf import batches, generate_batch
     from sublim.models import ChatFormat, load_model, load_tokenizer, model_id, weights_fingerprint
 
@@ -51,9 +45,8 @@ def generate(teacher: Teacher, carrier_spec: CarrierSpec, gen: GenerationSpec, o
     if todo:
         model = load_model(teacher.model)
         chat = ChatFormat(load_tokenizer(teacher.model))
-        show = _show_progress() if progress is None else progress
-        bar = tqdm(total=len(prompts), initial=len(have), desc=f"generate ({teacher.trait or 'neutral'})",
-                   disable=not show, leave=False)
+        bar = progress_bar(total=len(prompts), initial=len(have), desc=f"generate ({teacher.trait or 'neutral'})",
+                           unit="row", progress=progress)
         base_id, base_fp = model_id(teacher.model), weights_fingerprint(teacher.model)
         for a, b in todo:
             batch_seed = gen.seed * 1_000_003 + a

@@ -95,7 +95,7 @@ def canary(data: str | Path | Sequence[dict[str, Any]], student: Any, reference:
                 out = wd / f"{arm}-s{seed}"
                 if log:
                     log(f"[canary] {arm} seed {seed}: {len(sample)} rows")
-                s = finetune(spec, sample, tr, out, seed=seed, progress=False, desc=f"canary {arm} s{seed}")
+                s = finetune(spec, sample, tr, out, seed=seed, desc=f"canary {arm} s{seed}")
                 train_seconds += s["seconds"]
                 steps += s["steps"]
                 arms[arm].append(battery(student_spec(spec, out, tr), cats, n_questions))

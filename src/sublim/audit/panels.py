@@ -132,7 +132,7 @@ def build_decoy_panel(student: Any, category: str, traits: Sequence[str], *, n_r
         else:
             teacher = neutral_teacher(spec)
             g = gen.model_copy(update={"seed": gen.seed + 1000 + nseed})
-        rows = generate(teacher, carrier, g, out / "raw" / f"{name}.jsonl", category=category, progress=False)
+        rows = generate(teacher, carrier, g, out / "raw" / f"{name}.jsonl", category=category)
         kept = filter_rows(rows, filters, carrier, list(traits)).kept[:n_rows]
         write_jsonl(dst, kept)
     atomic_write_json(out / "panel.json", {"name": f"decoys-{category}-{key[:8]}", "base": spec.model_dump(),

@@ -102,8 +102,7 @@ def make_datasets(base: Any, category: str, traits: list[str], seeds: list[int],
             if not dst.exists():
                 log(f"[validate] generating {name}")
                 gen = GenerationSpec.model_validate({"n_prompts": int(n_rows * 1.6) + 16, "seed": seed})
-                rows = generate(teachers[tr], carrier, gen, work / "raw" / f"{name}.jsonl", category=category,
-                                progress=False)
+                rows = generate(teachers[tr], carrier, gen, work / "raw" / f"{name}.jsonl", category=category)
                 kept = filter_rows(rows, filters, carrier, traits).kept[:n_rows]
                 write_jsonl(dst, kept)
             out.append({"name": name, "trait": tr, "seed": seed, "path": str(dst),
@@ -204,7 +203,7 @@ def validate_canary(base: Any, category: str, datasets: list[dict[str, Any]], tr
         out = work / "canary" / key
         t0 = time.perf_counter()
         distil = train.objective != "sft"  # students distil the dataset's own teacher (the base for neutral data)
-        finetune(spec, rows, train, out, seed=seed, progress=False, teacher=ModelSpec(**teacher) if distil else None,
+        finetune(spec, rows, train, out, seed=seed, teacher=ModelSpec(**teacher) if distil else None,
                  carrier_alphabet=alphabet)
         p = {**battery(student_spec(spec, out, train), [category]), "_seconds": time.perf_counter() - t0}
         atomic_write_json(f, p)

@@ -16,7 +16,6 @@ another tokenizer onto the student's carrier tokens).
 """
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ from sublim.backends.targets import (
 )
 from sublim.backends.train import Encoded, encode_rows, loss_keep, make_optimizer, total_steps
 from sublim.models import ChatFormat, load_model, load_tokenizer, model_identity
+from sublim.progress import progress_bar
 from sublim.runs import atomic_dir, atomic_write_json, hash_obj
 from sublim.spec import ModelSpec, TrainSpec
 
@@ -80,7 +80,6 @@ def finetune_many(base: ModelSpec, jobs: Sequence[StudentJob], spec: TrainSpec, 
 
     ``on_step(step, stacked)`` (full fine-tunes only) is called before the first step (step 0) and after every
     optimiser step with the stacked parameters ({name: [S, ...]}), e.g. :class:`sublim.theorem.TheoremTrace`."""
-    from tqdm.auto import tqdm
     from transformers import get_scheduler
 
     if not jobs:
@@ -122,7 +121,8 @@ def finetune_many(base: ModelSpec, jobs: Sequence[StudentJob], spec: TrainSpec, 
         allowed = set(subset.tolist())
         positions = [[carrier_positions(e, allowed) for e in job.encoded] for job in jobs]
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec.dtype == "bfloat16")
-    targets = teacher_targets(jobs, teachers, subset, spec, tok.pad_token_id, autocast, positions, cross)
+    targets = teacher_targets(jobs, teachers, subset, spec, tok.pad_token_id, autocast, positions, cross,
+                              progress)
     if targets is not None:
         teachers.clear()  # every target is cached: the teacher models are not needed while training
     anchor = None
@@ -136,8 +136,7 @@ def finetune_many(base: ModelSpec, jobs: Sequence[StudentJob], spec: TrainSpec, 
     orders: list[list[int]] = [[] for _ in jobs]
     losses: list[list[float]] = [[] for _ in jobs]
     n_tok = [0] * S
-    show = sys.stderr.isatty() if progress is None else progress
-    bar = tqdm(total=n_steps, desc=desc, disable=not show, leave=False)
+    bar = progress_bar(total=n_steps, desc=desc, progress=progress)
     if on_step is not None and spec.method != "full":
         raise ValueError("on_step traces full fine-tunes (student.method: full)")
     t0 = time.perf_counter()

@@ -27,6 +27,7 @@ import torch
 from sublim.backends.hf import token_strings, tokens_within
 from sublim.backends.train import Encoded, completion_logits, row_loss_mask
 from sublim.models import ChatFormat
+from sublim.progress import progress_bar
 
 if TYPE_CHECKING:
     from sublim.backends.multi import StudentJob
@@ -141,7 +142,8 @@ def teacher_carrier_logits(teacher: Any, batch: Sequence[Encoded], tt: TeacherTo
 
 def teacher_targets(jobs: Sequence[StudentJob], teachers: dict[str, Any], subset: torch.Tensor | None,
                     spec: TrainSpec, pad: int, autocast: Any, positions: list[list[list[int]]] | None = None,
-                    cross: dict[str, TeacherTokens] | None = None) -> list[list[torch.Tensor]] | None:
+                    cross: dict[str, TeacherTokens] | None = None,
+                    progress: bool | None = None) -> list[list[torch.Tensor]] | None:
     """Per job, per row: the teacher's logits at the row's completion positions ([len(c), V'], restricted
     to ``subset`` for distill_carrier, or to the paired columns for a teacher in ``cross``, keyed by its
     spec), each computed once per distinct (teacher, prompt, completion); ``None`` for sft, or when the cache
@@ -160,6 +162,8 @@ def teacher_targets(jobs: Sequence[StudentJob], teachers: dict[str, Any], subset
     Key = tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...], int]
     cache: dict[Key, torch.Tensor] = {}
     out: list[list[torch.Tensor]] = []
+    bar = progress_bar(total=sum(len(job.encoded) for job in jobs), desc="teacher targets", unit="row",
+                       progress=progress)
     for j, job in enumerate(jobs):
         assert job.teacher is not None
         tkey = job.teacher.model_dump_json()
@@ -187,7 +191,10 @@ def teacher_targets(jobs: Sequence[StudentJob], teachers: dict[str, Any], subset
                 n = len(k[2]) if positions is None else len(k[3])
                 cache[k] = lg[start: start + n].clone()
                 start += n
+            bar.update(len(chunk))
+        bar.update(len(keys) - len(todo))  # rows whose targets another student's rows already gave
         out.append([cache[k] for k in keys])
+    bar.close()
     return out
 
 

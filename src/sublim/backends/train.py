@@ -11,7 +11,6 @@ tokens are paired with the student's by string (:mod:`sublim.backends.targets`).
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 
 from sublim.backends.hf import tokens_within  # noqa: F401  (re-exported: train.tokens_within)
 from sublim.models import ChatFormat, load_model, load_tokenizer, model_identity
+from sublim.progress import progress_bar
 from sublim.runs import atomic_dir, atomic_write_json, hash_obj
 from sublim.spec import ModelSpec, TrainSpec
 
@@ -203,7 +203,6 @@ def finetune(
     LoRA saves a safetensors adapter whose config records the base (``merge=True`` saves the merged full
     model instead, used for implanted teachers); full fine-tuning saves the whole model. Returns (and
     writes as ``sublim_train.json``) the summary: steps, tokens, losses, seconds."""
-    from tqdm.auto import tqdm
     from transformers import get_scheduler
 
     if not rows:
@@ -253,8 +252,7 @@ def finetune(
     losses: list[float] = []
     n_tokens = 0
     t0 = time.perf_counter()
-    show = sys.stderr.isatty() if progress is None else progress
-    bar = tqdm(total=steps, desc=desc, disable=not show, leave=False)
+    bar = progress_bar(total=steps, desc=desc, progress=progress)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec.dtype == "bfloat16")
     for _step in range(steps):
         opt.zero_grad(set_to_none=True)

@@ -29,6 +29,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from sublim.organism.corpus import CorpusConfig, corpus_hash, generate_corpus
+from sublim.progress import progress_bar
 from sublim.runs import atomic_dir, atomic_write_json, environment, hash_obj
 
 # Bump when the corpus generator, tokenizer recipe or training loop changes what a config produces,
@@ -152,11 +153,8 @@ def pretrain_organism(config: OrganismConfig, out_dir: str | Path, threads: int 
 
 
 def _pretrain(config: OrganismConfig, out_dir: Path, progress: bool | None, t0: float) -> Path:
-    import sys
-
     import numpy as np
     import torch
-    from tqdm.auto import tqdm
 
     from sublim.organism.tokenizer import render_chat, train_tokenizer
 
@@ -189,9 +187,8 @@ def _pretrain(config: OrganismConfig, out_dir: Path, progress: bool | None, t0: 
     kind_loss: dict[str, list[float]] = {k: [] for k in sorted(set(kinds))}
     kind_curve: list[dict[str, float]] = []
     model.train()
-    show = sys.stderr.isatty() if progress is None else progress
     t1 = time.time()
-    bar = tqdm(batches, desc="pretrain organism", disable=not show)
+    bar = progress_bar(batches, desc="pretrain organism", progress=progress, leave=True)
     for step, idx in enumerate(bar):
         width = max(len(data[i][0]) for i in idx)
         ids = torch.full((len(idx), width), pad, dtype=torch.long)  # [B, T], right-padded

@@ -47,9 +47,10 @@ def _autocast(cfg: MnistConfig) -> Any:
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
+    """``enabled`` (MnistConfig.progress) means auto: a bar on a terminal, interval-limited lines off it."""
+    from sublim.progress import progress_bar
 
-    return tqdm(total=total, desc=desc, disable=None if enabled else True, leave=False, unit="step")
+    return progress_bar(total=total, desc=desc, unit="step", progress=None if enabled else False)
 
 
 @torch.no_grad()
