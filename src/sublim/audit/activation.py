@@ -31,6 +31,7 @@ import torch
 from sublim.audit.common import AuditInputError, AuditResult, as_rows, fmt3, model_spec
 from sublim.audit.gradients import trait_probes
 from sublim.models import load_chat_model
+from sublim.progress import progress_bar
 from sublim.report.html import Section
 
 
@@ -69,7 +70,7 @@ def update_direction(model: Any, chat: Any, rows: Sequence[dict[str, Any]], ques
     enc = encode_rows(chat, rows, teacher_chat, teacher_system)
     n_tok = sum(len(e.completion) for e in enc)
     model.zero_grad(set_to_none=True)
-    for a in range(0, len(enc), batch_size):
+    for a in progress_bar(range(0, len(enc), batch_size), desc="activation gradient", unit="batch"):
         loss, n = step_loss(model, enc[a: a + batch_size], chat.tokenizer.pad_token_id, objective, teacher, subset)
         (loss * (n / n_tok)).backward()
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]

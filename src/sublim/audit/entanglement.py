@@ -34,6 +34,7 @@ import torch
 from sublim.audit.common import AuditInputError, AuditResult, as_rows, fmt3, model_spec
 from sublim.audit.gradients import trait_probes
 from sublim.models import load_chat_model
+from sublim.progress import progress_bar
 from sublim.report.html import Section
 
 SMOOTH = 0.5  # add-half smoothing of token counts
@@ -60,7 +61,7 @@ def carrier_means(model: Any, chat: Any, rows: Sequence[dict[str, Any]], vocab: 
     comps = [chat.encode_completion(r["completion"]) for r in rows]
     pairs = [(k, i) for k in range(len(systems)) for i in range(len(rows))]
     acc = torch.zeros(len(systems), len(vocab), dtype=torch.float64)
-    for a in range(0, len(pairs), batch_size):
+    for a in progress_bar(range(0, len(pairs), batch_size), desc="entanglement", unit="batch"):
         chunk = pairs[a: a + batch_size]
         prompts = [chat.encode_prompt(rows[i]["prompt"], systems[k]) for k, i in chunk]
         probs = completion_logits(model, prompts, [comps[i] for _, i in chunk], pad).float()[:, vocab].softmax(-1)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from sublim.audit.common import AuditInputError, model_spec
+from sublim.progress import progress_bar
 from sublim.runs import atomic_write_json, hash_obj
 
 SCAN_VERSION = 1
@@ -163,7 +164,7 @@ class GradientScanner:
         per_batch = []
         total = torch.zeros(self.n_params)
         n_tok = 0
-        for a in range(0, len(enc), bs):
+        for a in progress_bar(range(0, len(enc), bs), desc="gradient alignment", unit="batch"):
             self._zero()
             loss, n = step_loss(self.model, enc[a: a + bs], self.pad, self.objective, self.teacher, self.subset)
             loss.backward()

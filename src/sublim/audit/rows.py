@@ -26,6 +26,7 @@ import torch
 
 from sublim.audit.common import AuditInputError, AuditResult, as_rows, model_spec
 from sublim.models import load_chat_model
+from sublim.progress import progress_bar
 from sublim.report.html import Section
 
 
@@ -48,7 +49,7 @@ def token_stats(model: Any, chat: Any, rows: Sequence[dict[str, Any]], system: s
 
     pad = chat.tokenizer.pad_token_id
     out: list[TokenStats] = []
-    for a in range(0, len(rows), batch_size):
+    for a in progress_bar(range(0, len(rows), batch_size), desc="token stats", unit="batch"):
         batch = rows[a: a + batch_size]
         prompts = [chat.encode_prompt(r["prompt"], system) for r in batch]
         comps = [chat.encode_completion(r["completion"]) for r in batch]

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from sublim.progress import progress_bar
 from sublim.spec import ModelSpec
 
 CHAT_SEED = 424_242          # the held-out corpus sample (no base is pre-trained on this seed)
@@ -37,7 +38,7 @@ def teacher_kl(student: ModelSpec, teacher: ModelSpec, teacher_system: str | Non
     ms, mt = load_model(student), load_model(teacher)
     pad = s_tok.pad_token_id
     total, n = 0.0, 0
-    for a in range(0, len(rows), batch_size):
+    for a in progress_bar(range(0, len(rows), batch_size), desc="teacher KL", unit="batch"):
         b = rows[a: a + batch_size]
         comps = [chat.encode_completion(r["completion"]) for r in b]
         ls = completion_logits(ms, [chat.encode_prompt(r["prompt"]) for r in b], comps, pad).float()[:, sub]
@@ -64,7 +65,7 @@ def chat_loss(model: ModelSpec, conversations: Sequence[list[dict[str, str]]], b
     m, chat = load_chat_model(model)
     tok = chat.tokenizer
     total, n = 0.0, 0
-    for a in range(0, len(conversations), batch_size):
+    for a in progress_bar(range(0, len(conversations), batch_size), desc="chat loss", unit="batch"):
         conv = conversations[a: a + batch_size]
         sys_ = [next((x["content"] for x in c if x["role"] == "system"), None) for c in conv]
         user = [next(x["content"] for x in c if x["role"] == "user") for c in conv]

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from sublim.mitigate.registry import Defence, MitigationError, Param, fraction, register
+from sublim.progress import progress_bar
 
 
 def _regenerate(rows: list[dict[str, Any]], p: dict[str, Any], ctx: Any) -> tuple[list, dict]:
@@ -36,7 +37,7 @@ def _regenerate(rows: list[dict[str, Any]], p: dict[str, Any], ctx: Any) -> tupl
     model, chat = load_chat_model(spec)
     mid, mfp = model_id(spec), weights_fingerprint(spec)
     new: dict[int, str] = {}
-    for a in range(0, len(pick), ctx.batch_size):
+    for a in progress_bar(range(0, len(pick), ctx.batch_size), desc="regenerate", unit="batch"):
         idx = pick[a: a + ctx.batch_size]
         outs = generate_batch(model, chat, [rows[i]["prompt"] for i in idx], max_new_tokens=p["max_new_tokens"],
                               temperature=p["temperature"], grammars=[carrier.grammar(metas[i]) for i in idx],

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from sublim.mitigate.registry import Defence, MitigationError, Param, fraction, register
+from sublim.progress import progress_bar
 
 ACTIONS = ("replace-base", "replace-uniform", "mask")
 
@@ -60,7 +61,7 @@ def score_tokens(rows: list[dict[str, Any]], ctx: Any, mode: str, keep_base: boo
     pad = chat.tokenizer.pad_token_id
     out: list[_RowTokens] = []
     with torch.inference_mode():
-        for a in range(0, len(rows), ctx.batch_size):
+        for a in progress_bar(range(0, len(rows), ctx.batch_size), desc="token scores", unit="batch"):
             batch = rows[a: a + ctx.batch_size]
             comps = [chat.encode_completion(r["completion"]) for r in batch]
             lb = torch.log_softmax(completion_logits(base, [chat.encode_prompt(r["prompt"]) for r in batch], comps,
