@@ -11,6 +11,7 @@ import json
 import os
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -368,6 +369,31 @@ def test_run_mnist_every_arm_and_outputs(tmp_path: Path) -> None:
     assert "data:image/png;base64," in html and "aux logits" in html
     header, rows = M.accuracy_table(saved)
     assert len(rows) == len(M.ARMS) and len(header) == len(rows[0])
+
+
+def test_a_run_killed_while_drawing_leaves_the_previous_figures_whole(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rerun into a finished run's directory, stopped while it draws a figure (the kill campaign's window:
+    tests/test_kill_campaign.py), leaves the earlier PNG complete beside the earlier results.json: figures are
+    rendered in memory and written atomically (savefig used to write straight to the path)."""
+    import matplotlib.figure
+
+    M.run_mnist(M.MnistConfig(**TINY), tmp_path)
+    before = {n: (tmp_path / n).read_bytes() for n in ("accuracy.png", "alignment.png", "results.json")}
+    real = matplotlib.figure.Figure.savefig
+
+    def killed_mid_write(self: Any, fname: Any, *a: Any, **kw: Any) -> None:
+        real(self, fname, *a, **kw)
+        if isinstance(fname, (str, os.PathLike)):  # written straight to the final path: cut it as a kill would
+            p = Path(fname)
+            p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+        raise KeyboardInterrupt  # the process dies here
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        M.run_mnist(M.MnistConfig(**TINY), tmp_path)
+    assert {n: (tmp_path / n).read_bytes() for n in before} == before
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
 def test_teacher_learns_digits(tmp_path: Path) -> None:

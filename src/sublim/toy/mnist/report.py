@@ -11,12 +11,20 @@ from typing import Any
 
 import numpy as np
 
-from sublim.runs import atomic_write_text
+from sublim.runs import atomic_write_bytes, atomic_write_text
 from sublim.toy.mnist.config import ARMS, STUDENT_ARMS
 from sublim.toy.mnist.summary import _fmt_ci, accuracy_table
 
 
 # ------------------------------------------------------------------------------------ figures, report
+def _save_png(fig: Any, path: Path) -> None:
+    """Render to memory, then write atomically: a run killed while drawing leaves the previous figure whole
+    (savefig straight to the path left a truncated PNG beside a complete results.json)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def _write_outputs(results: dict[str, Any], out: Path) -> dict[str, str]:
     import matplotlib
 
@@ -79,7 +87,7 @@ def _write_outputs(results: dict[str, Any], out: Path) -> dict[str, str]:
     ax.set_ylim(0, 100)
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / files["accuracy_png"], dpi=110)
+    _save_png(fig, out / files["accuracy_png"])
     plt.close(fig)
 
     # alignment curves
@@ -110,7 +118,7 @@ def _write_outputs(results: dict[str, Any], out: Path) -> dict[str, str]:
     axes[0].legend(fontsize=7)
     axes[1].legend(handles=axes[1].get_lines()[-1:], fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / files["alignment_png"], dpi=110)
+    _save_png(fig, out / files["alignment_png"])
     plt.close(fig)
 
     # HTML
