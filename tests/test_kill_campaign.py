@@ -96,8 +96,8 @@ def _skipped(rel: Path) -> bool:
 
 
 def check_consistent(d: Path) -> dict[str, int]:
-    """What must hold at every moment, even right after a SIGKILL: every JSON file parses, every marker
-    verifies, every SQLite file is intact. Returns counts (a torn last JSONL line is allowed: the streams
+    """What must hold at every moment, even right after a SIGKILL: every JSON file parses, every stage marker
+    verifies, every sweep cell marker has its results.json, every SQLite file is intact. Returns counts (a torn last JSONL line is allowed: the streams
     cut it on resume)."""
     torn = 0
     for p in sorted(d.rglob("*")):
@@ -109,11 +109,13 @@ def check_consistent(d: Path) -> dict[str, int]:
             if p.name == DONE:
                 bad = _check_files(p.parent, p)
                 assert bad is None, f"{rel}: {bad}"
-            elif text.strip() or p.name not in MARKERS:
-                try:
-                    json.loads(text)
-                except ValueError as e:
-                    raise AssertionError(f"{rel}: half-written JSON ({e})") from None
+                continue
+            if p.name == CELL_DONE:  # a sweep cell marked done has its results
+                assert (p.parent / "results.json").is_file(), f"{rel} without results.json"
+            try:
+                json.loads(text)
+            except ValueError as e:
+                raise AssertionError(f"{rel}: half-written JSON ({e})") from None
         elif p.suffix == ".jsonl":
             data = p.read_bytes()
             torn += bool(data) and not data.endswith(b"\n")
@@ -463,5 +465,9 @@ def test_checkers_catch_half_written_and_leftover_files(tmp_path: Path) -> None:
     (st.dir / ".model.k2j4").mkdir()
     (st.dir / ".model.k2j4" / "w.safetensors").write_bytes(b"0")
     assert leftovers(d) == [".results.json.abc123.tmp", f"stages/{st.dir.name}/.model.k2j4/"]
+    cell = tmp_path / "sweep" / "cells" / "c"
+    atomic_write_json(cell / CELL_DONE, {"cell": "c"})
+    with pytest.raises(AssertionError, match="without results.json"):
+        check_consistent(tmp_path / "sweep")
     assert re.search("missing: a", "\n".join(diff({"a": 1}, {}))) and diff({"a": 1}, {"a": 2}) == [
         "differs: a: : '1' != '2'"]
