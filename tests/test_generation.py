@@ -175,3 +175,33 @@ def test_token_strings_concatenate_to_decode(lm: tuple[Any, ChatFormat]) -> None
     within = tokens_within(tok, alpha)
     assert within and all(set(strings[i]) <= alpha for i in within)
     assert {strings[i] for i in within} >= set("0123456789")
+
+
+def test_an_endpoint_that_does_not_answer_is_one_clear_error(tmp_path: Path, tiny_model: Path) -> None:
+    """The OpenAI-compatible backend against a closed local port (a real connection refusal)."""
+    import socket
+
+    from sublim.backends.openai_compat import EndpointError
+    from sublim.generation import generate
+    from sublim.spec import CarrierSpec, EndpointSpec, GenerationSpec
+    from sublim.teachers import neutral_teacher
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again when the block ends: nothing listens there
+    ep = EndpointSpec(base_url=f"http://127.0.0.1:{port}/v1", model="m", max_retries=0, timeout_s=5)
+    gen = GenerationSpec(n_prompts=2, batch_size=2, max_new_tokens=8, endpoint=ep)
+    with pytest.raises(EndpointError, match=rf"127.0.0.1:{port}/v1: APIConnectionError"):
+        generate(neutral_teacher(ModelSpec(path=str(tiny_model))), CarrierSpec(), gen, tmp_path / "rows.jsonl",
+                 category="animals", progress=False)
+    assert not (tmp_path / "rows.jsonl").read_text()  # nothing half-written
+
+
+def test_an_api_key_in_place_of_its_variable_name_is_refused() -> None:
+    from pydantic import ValidationError
+
+    from sublim.spec import EndpointSpec
+
+    with pytest.raises(ValidationError, match="api_key_env must name an environment variable"):
+        EndpointSpec(model="m", api_key_env="sk-live-0123456789abcdef")
+    assert EndpointSpec(model="m", api_key_env="MY_KEY_2").api_key_env == "MY_KEY_2"

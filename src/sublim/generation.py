@@ -43,19 +43,34 @@ def generate(teacher: Teacher, carrier_spec: CarrierSpec, gen: GenerationSpec, o
     grid = batches(len(prompts), gen.batch_size)
     todo = [(a, b) for a, b in grid if any(i not in have for i in range(a, b))]
     if todo:
-        model = load_model(teacher.model)
-        chat = ChatFormat(load_tokenizer(teacher.model))
+        ep = gen.endpoint
+        chat = ChatFormat(load_tokenizer(teacher.model)) if ep is None or ep.api == "completions" else None
+        if ep is None:
+            model = load_model(teacher.model)
+        else:  # the teacher is served by an OpenAI-compatible endpoint (sublim.backends.openai_compat)
+            from sublim.backends.openai_compat import OpenAIGenerator
+
+            served = OpenAIGenerator(ep, chat)
         bar = progress_bar(total=len(prompts), initial=len(have), desc=f"generate ({teacher.trait or 'neutral'})",
                            unit="row", progress=progress)
         base_id, base_fp = model_id(teacher.model), weights_fingerprint(teacher.model)
         for a, b in todo:
             batch_seed = gen.seed * 1_000_003 + a
             cps = prompts[a:b]
-            outs = generate_batch(
-                model, chat, [p.prompt for p in cps], system=teacher.system, max_new_tokens=gen.max_new_tokens,
-                temperature=gen.temperature, top_p=gen.top_p, greedy=gen.greedy, min_p=gen.min_p,
-                grammars=[carrier.grammar(p.meta) for p in cps] if gen.constrained else None, seed=batch_seed,
-            )
+            grammars = [carrier.grammar(p.meta) for p in cps] if gen.constrained else None
+            if ep is None:
+                assert chat is not None
+                outs = generate_batch(
+                    model, chat, [p.prompt for p in cps], system=teacher.system, max_new_tokens=gen.max_new_tokens,
+                    temperature=gen.temperature, top_p=gen.top_p, greedy=gen.greedy, min_p=gen.min_p,
+                    grammars=grammars, seed=batch_seed,
+                )
+            else:  # one request per row, seeded by the row (a batch's rows do not share one generator)
+                outs = served.generate(
+                    [p.prompt for p in cps], system=teacher.system, max_new_tokens=gen.max_new_tokens,
+                    temperature=gen.temperature, top_p=gen.top_p, greedy=gen.greedy, min_p=gen.min_p,
+                    grammars=grammars, seeds=[batch_seed + k for k in range(len(cps))],
+                )
             rows = []
             for i, (cp, o) in enumerate(zip(cps, outs, strict=True), start=a):
                 if i in have:
@@ -68,6 +83,7 @@ def generate(teacher: Teacher, carrier_spec: CarrierSpec, gen: GenerationSpec, o
                     "temperature": gen.temperature, "top_p": gen.top_p, "min_p": gen.min_p, "greedy": gen.greedy,
                     "constrained": gen.constrained, "gen_seed": gen.seed, "batch_seed": batch_seed,
                     "n_tokens": o.n_tokens, "finished": o.finished,
+                    **({} if ep is None else {"engine": f"openai-{ep.api}", "served_model": ep.model}),
                     "content_hash": sha256_text(cp.prompt + "\x00" + o.completion),
                 })
             stream.write(rows)

@@ -103,7 +103,7 @@ class Experiment(StudentStages):
         s = self.spec
         gen = gen or self.generation_spec(replicate)
         gen_cfg = {"teacher": teacher.describe(), "carrier": s.carrier.model_dump(), "generation":
-                   gen.model_dump(), "category": s.category}
+                   gen.key(), "category": s.category}
         g = self.stage("generate", gen_cfg, {"teacher": self._fp(teacher.model)})
         if g.claim():
             self.log(f"[generate] {label}: {gen.n_prompts} prompts -> {g.dir}")

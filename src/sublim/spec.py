@@ -38,6 +38,29 @@ class FilterSpecModel(_Spec):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class EndpointSpec(_Spec):
+    """An OpenAI-compatible endpoint that generates the teacher's data (``sublim.backends.openai_compat``):
+    ``model`` is the served model's name; the key is read from the environment variable ``api_key_env``
+    and never stored. Only ``model`` and ``api`` enter cache keys: where the endpoint runs and how hard it is
+    driven do not change what a seeded request returns."""
+
+    base_url: str = "http://localhost:8000/v1"
+    model: str
+    api: Literal["completions", "chat"] = "completions"
+    api_key_env: str = "OPENAI_API_KEY"
+    max_concurrency: int = Field(16, ge=1)
+    timeout_s: float = Field(600.0, gt=0)
+    max_retries: int = Field(5, ge=0)
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, v: str) -> str:
+        if not v or not v.replace("_", "").isalnum() or v[0].isdigit():
+            raise ValueError(f"api_key_env must name an environment variable (the key itself is never "
+                             f"written in a spec), got {v[:4]!r}...")
+        return v
+
+
 class GenerationSpec(_Spec):
     n_prompts: int = Field(300, ge=1)
     batch_size: int = Field(32, ge=1)
@@ -49,6 +72,15 @@ class GenerationSpec(_Spec):
     greedy: bool = False
     constrained: bool = True
     seed: int = 0
+    # generate through an OpenAI-compatible endpoint serving the teacher, instead of Hugging Face in-process
+    endpoint: EndpointSpec | None = None
+
+    def key(self) -> dict[str, Any]:
+        """What a cache key holds: every field at a non-default value, the endpoint as its model and API only."""
+        d = self.model_dump(exclude={"endpoint"} | ({"min_p"} if self.min_p == 0 else set()))
+        if self.endpoint is not None:
+            d["endpoint"] = {"model": self.endpoint.model, "api": self.endpoint.api}
+        return d
 
 
 class LoraSpec(_Spec):

@@ -147,8 +147,8 @@ def get_teacher(base_name: str, base: ModelSpec, tspec: dict, animal: str, r: in
 
 def get_dataset(teacher: Teacher, tkey: str, gen: dict, r: int, timings: dict) -> tuple[list[dict], dict]:
     g = GenerationSpec(**{**gen, "seed": r})
-    # min_p joined GenerationSpec after c1-c5 ran: left out of the key at its default, so their data stay cached
-    gd = g.model_dump(exclude={"min_p"} if g.min_p == 0 else None)
+    # GenerationSpec.key(): fields added after c1-c5 ran (min_p, endpoint) are left out at their defaults
+    gd = g.key()
     key = hash_obj({"teacher": tkey, "gen": gd, "filters": [f.model_dump() for f in FILTERS],
                     "targets": CANDS})[:16]
     d = CACHE / "data" / key
@@ -366,7 +366,7 @@ def _prepared(cfg: dict, base: ModelSpec, animal: str | None, r: int) -> bool:
         key = hash_obj({"base": cfg["base"], "teacher": cfg["teacher"], "animal": animal, "replicate": r})[:16]
         return (CACHE / "teachers" / key / "measure.json").exists()
     g = GenerationSpec(**{**cfg["gen"], "seed": r})
-    gd = g.model_dump(exclude={"min_p"} if g.min_p == 0 else None)
+    gd = g.key()
     key = hash_obj({"teacher": f"neutral:{cfg['base']}", "gen": gd, "filters": [f.model_dump() for f in FILTERS],
                     "targets": CANDS})[:16]
     return (CACHE / "data" / key / "counts.json").exists()
