@@ -183,6 +183,18 @@ def count_rows(snap: dict[str, Any]) -> int:
     return sum(len(v) for k, v in snap.items() if k.endswith(".jsonl"))
 
 
+def row_accounting(ref: dict[str, Any], got: dict[str, Any]) -> tuple[int, int]:
+    """(rows of the reference missing here, rows here more than once), over every JSONL output."""
+    lost = dup = 0
+    for k, rows in ref.items():
+        if not k.endswith(".jsonl"):
+            continue
+        have = [json.dumps(r, sort_keys=True) for r in got.get(k, [])]
+        lost += len({json.dumps(r, sort_keys=True) for r in rows} - set(have))
+        dup += len(have) - len(set(have))
+    return lost, dup
+
+
 def diff(ref: dict[str, Any], got: dict[str, Any]) -> list[str]:
     """Where two snapshots differ, one line each (file, then the first differing JSON path)."""
     lines = [f"missing: {k}" for k in sorted(set(ref) - set(got))]
@@ -344,6 +356,8 @@ class Campaign:
     kill_moments: list[float] = field(default_factory=list)
     leftovers: list[str] = field(default_factory=list)
     last_attempt_s: float = 0.0
+    rows_lost: int = 0
+    rows_duplicated: int = 0
 
 
 def run_campaign(name: str, cmd: Command, root: Path, kills: int, seed: int,
@@ -385,6 +399,9 @@ def run_campaign(name: str, cmd: Command, root: Path, kills: int, seed: int,
         left = leftovers(d)
         c.leftovers += [f"round{c.rounds}/{x}" for x in left]
         got = snapshot(d, cmd.outputs)
+        lost, dup = row_accounting(ref, got)
+        c.rows_lost += lost
+        c.rows_duplicated += dup
         problems = diff(ref, got)
         assert not problems, f"{name} round {c.rounds} after {c.kills} kills differs from the reference:\n" + \
             "\n".join(problems[:20])
@@ -397,7 +414,8 @@ def run_campaign(name: str, cmd: Command, root: Path, kills: int, seed: int,
         "command": name, "argv": _shown(cmd.argv(Path("OUT")), root.parent, names or {}), "seed": seed,
         "kills": c.kills, "attempts": c.attempts, "rounds": c.rounds, "finished_before_kill": c.finished_before_kill,
         "reference_s": round(ref_s, 1), "final_attempt_s": round(c.last_attempt_s, 1), "wall_s": round(time.monotonic() - t_start, 1),
-        "files_compared": len(ref), "rows_compared": count_rows(ref), "rows_lost": 0, "rows_duplicated": 0,
+        "files_per_round": len(ref), "rows_per_round": count_rows(ref),
+        "rows_lost": c.rows_lost, "rows_duplicated": c.rows_duplicated,
         "torn_jsonl_tails_at_kills": c.torn_jsonl_tails, "leftovers": c.leftovers,
         "kill_moments_s": c.kill_moments,
     }
@@ -434,7 +452,8 @@ def test_checkers_catch_half_written_and_leftover_files(tmp_path: Path) -> None:
     assert leftovers(d) == [] and check_consistent(d) == {"torn_jsonl_tails": 0}
     ref = snapshot(d, ["**/*"])
     assert ref[f"stages/{st.dir.name}/summary.json"] == {"n": 2, "path": "<OUT>/p"}
-    assert count_rows(ref) == 2
+    assert count_rows(ref) == 2 and row_accounting(ref, ref) == (0, 0)
+    assert row_accounting(ref, {}) == (2, 0)
 
     # the same outputs, written again, in another order, at other speeds, in another directory: equal
     d2 = tmp_path / "out2"
