@@ -89,3 +89,17 @@ def test_an_unwritable_registry_does_not_stop_a_run(tmp_path: Path, monkeypatch:
     assert runindex.start(tmp_path / "run", "x", "abc") is False
     assert runindex.finish(tmp_path / "run", results={}) is False
     assert "run registry not updated" in capsys.readouterr().err
+
+
+def test_a_failing_tracker_warns_and_never_fails_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from sublim import runindex, trackers
+
+    monkeypatch.setenv("SUBLIM_RUNS_DB", str(tmp_path / "runs.sqlite"))
+    monkeypatch.setenv("SUBLIM_TRACKERS", "nope")
+    run = tmp_path / "r"
+    run.mkdir()
+    runindex.start(run, "r", "h")
+    runindex.finish(run, results={"seconds": 1.0})
+    trackers.on_finish(str(run))
+    assert "warning: tracker nope not updated: unknown tracker 'nope'" in capsys.readouterr().err

@@ -296,7 +296,7 @@ def run(spec: ExperimentSpec, run_dir: str | Path, log: Log = print, progress: b
         sweep: str | None = None, cell: str | None = None) -> dict[str, Any]:
     """Run a whole experiment (resumable) and return the results dict (also in ``run_dir/results.json``).
     The run is recorded in the run registry (:mod:`sublim.runindex`): running, then done or failed."""
-    from sublim import runindex
+    from sublim import runindex, trackers
 
     runindex.start(run_dir, spec.name, hash_obj(spec.model_dump(mode="json"))[:16], sweep=sweep, cell=cell)
     try:
@@ -304,10 +304,12 @@ def run(spec: ExperimentSpec, run_dir: str | Path, log: Log = print, progress: b
     except BaseException as e:
         release_held()  # the unfinished stages can be claimed again (a retry in this process, another process)
         runindex.finish(run_dir, error=f"{type(e).__name__}: {e}")
+        trackers.on_finish(str(run_dir))
         if isinstance(e, OSError) and e.errno is not None and not e.filename:  # a write deep in a library
             raise OSError(e.errno, e.strerror, f"{run_dir} (writing its files)") from e
         raise
     runindex.finish(run_dir, results=results)
+    trackers.on_finish(str(run_dir))  # $SUBLIM_TRACKERS: MLflow / W&B copies of the registry's record
     return results
 
 

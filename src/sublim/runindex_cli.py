@@ -99,3 +99,29 @@ def index_cmd(root: Annotated[Path, typer.Argument(help="A directory of run dire
         fail(f"{root}: no such directory")
     n = _call(index, root, path=db)
     typer.echo(f"indexed {n} runs from {root}")
+
+
+@app.command("export")
+def export_cmd(
+    runs: Annotated[list[str] | None, typer.Argument(help="Runs (directories or name prefixes); default: every run")]
+    = None,
+    to: Annotated[str, typer.Option(help="Tracker: mlflow or wandb")] = "mlflow",
+    uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default $MLFLOW_TRACKING_URI)")] = None,
+    wandb_dir: Annotated[Path | None, typer.Option("--dir", help="W&B: where offline runs are written")] = None,
+    db: Db = None,
+) -> None:
+    """Copy registered runs (params, key metrics, status) into MLflow or W&B; exporting again updates them."""
+    from sublim.runindex import get_run, list_runs
+    from sublim.trackers import SINKS, TrackerError, export
+
+    if to not in SINKS:
+        fail(f"--to {to!r}: known trackers are {', '.join(SINKS)}")
+    rows = [_call(get_run, k, path=db) for k in runs] if runs else _call(list_runs, path=db)
+    if not rows:
+        fail("no runs to export (the registry is empty; see 'sublim runs index')")
+    kw: dict[str, Any] = {"uri": uri} if to == "mlflow" else {"directory": str(wandb_dir) if wandb_dir else None}
+    try:
+        ids = export(rows, to, **kw)
+    except TrackerError as e:
+        fail(str(e))
+    typer.echo(f"exported {len(ids)} run(s) to {to}")
