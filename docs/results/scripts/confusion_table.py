@@ -9,7 +9,7 @@ the bar of issue 10 counts the animals whose interval is above 0.
 
 ``A+B`` pools two runs of one configuration made with other teacher replicates (``search.py --R0``): same base,
 recipe and rows per student, disjoint teachers; their students and neutral controls are analysed as one design.
-``--arm other`` reads the other-family students of a run made with ``--other-base``; ``--arm ic`` its
+``--heatmap PATH`` draws the mean-lift matrix. ``--arm other`` reads the other-family students of a run made with ``--other-base``; ``--arm ic`` its
 in-context scores (``--in-context``).
 """
 from __future__ import annotations
@@ -46,10 +46,15 @@ def load(name: str, arm: str) -> tuple[dict, list[dict], list[dict]]:
     return {**first, "T": sum(r["T"] for r in runs)}, treated, controls
 
 
-def table(name: str, arm: str = "same") -> str:
+def table(name: str, arm: str = "same", heatmap: str | None = None) -> str:
     r, treated, controls = load(name, arm)
     animals = list(dict.fromkeys(x["trait"] for x in treated))
     c = confusion_fit(treated, controls, animals)
+    if heatmap:
+        from sublim.report.figures import specificity_heatmap
+
+        specificity_heatmap(c["matrix"], c["animals"], c["animals"], heatmap,
+                            title=f"{name} ({ARMS[arm][2]}): mean log lift, teacher level")
     head = (f"### {name} ({ARMS[arm][2]}): {len(animals)} animals x {r['T']} teachers x {r['S']} student seeds "
             f"({r['rows_per_student']} rows per student)")
     verdict = (f"gamma **{c['gamma']:+.3f}** [{c['gamma_ci'][0]:+.3f}, {c['gamma_ci'][1]:+.3f}] ({c['gamma_df']} df, "
@@ -70,6 +75,9 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("runs", nargs="+")
     ap.add_argument("--arm", choices=sorted(ARMS), default="same")
+    ap.add_argument("--heatmap", default=None, help="also draw the K x K mean-lift heatmap here (one run only)")
     args = ap.parse_args()
+    if args.heatmap and len(args.runs) != 1:
+        raise SystemExit("--heatmap draws one run (or one pooled A+B)")
     for n in args.runs:
-        print(table(n, args.arm))
+        print(table(n, args.arm, args.heatmap))
