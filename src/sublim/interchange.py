@@ -10,7 +10,6 @@ accepts them. Errors name the file and the row.
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -66,10 +65,10 @@ def write(rows: Sequence[dict[str, Any]], path: str | Path, fmt: str | None = No
         return write_jsonl(p, [to_messages(r) for r in rows])
     import datasets
 
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-    datasets.Dataset.from_list(list(rows)).to_parquet(str(tmp))
-    os.replace(tmp, p)
+    from sublim.runs import atomic_file
+
+    with atomic_file(p) as tmp:
+        datasets.Dataset.from_list(list(rows)).to_parquet(str(tmp))
     return p
 
 

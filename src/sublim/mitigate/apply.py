@@ -158,6 +158,9 @@ def write_mitigated(out: Path, res: Mitigated, parent_file: Path, parent_rows: l
                  "teacher": ctx.teacher.model_dump() if ctx.teacher else None, "teacher_system": ctx.teacher_system,
                  "decoys": [{"model": x.model_dump(), "system": sy} for x, sy in ctx.decoys]}
     out.parent.mkdir(parents=True, exist_ok=True)
+    # an earlier run's manifest goes first: killed between the rows and the manifest, a rerun into the same
+    # --out must find rows without a manifest (recomputed), never new rows under the old manifest
+    manifest_path(out).unlink(missing_ok=True)
     write_jsonl(out, res.rows)
     write_manifest(out, build_manifest(res.rows, teacher=ctx.teacher, base=ctx.student, data_file=out,
                                        extra={"parent": parent, "transform": transform}))
