@@ -186,3 +186,33 @@ def test_carrier_positions_students_train(tiny_model: Path, tiny_model_b: Path, 
     assert out[0]["loss_first"] > 0 and out[0]["completion_tokens"] > 0
     with pytest.raises(ValueError, match="distill_carrier"):
         TrainSpec(objective="sft", distill_positions="carrier")
+
+
+@pytest.mark.parametrize("positions", ["completion", "carrier"])
+def test_carrier_head_equals_the_full_head(tiny_model: Path, tiny_model_b: Path, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch, positions: str) -> None:
+    """distill_carrier with the LM head on the carrier columns only (and whole-sequence padding) trains the
+    students the full-vocabulary head trains, up to float summation order; the fast path is really taken."""
+    from sublim.backends import multi
+
+    base = ModelSpec(path=str(tiny_model))
+    teacher = ModelSpec(path=str(tiny_model_b))
+    spec = TrainSpec(method="full", objective="distill_carrier", max_steps=4, batch_size=4, lr=3e-3, warmup_steps=0,
+                     max_grad_norm=0.5, distill_positions=positions)
+    alphabet = frozenset("0123456789, ;\n")
+
+    def jobs(tag: str) -> list[StudentJob]:
+        return [StudentJob(_rows(s), s, tmp_path / f"{tag}{s}", teacher, None) for s in range(3)]
+
+    taken = []
+    real = multi._carrier_head
+    monkeypatch.setattr(multi, "_carrier_head", lambda *a: taken.append(real(*a)) or taken[-1])
+    fast = finetune_many(base, jobs("f"), spec, carrier_alphabet=alphabet, progress=False)
+    assert taken and all(t is not None for t in taken)
+    monkeypatch.setattr(multi, "_carrier_head", lambda *a: None)
+    slow = finetune_many(base, jobs("s"), spec, carrier_alphabet=alphabet, progress=False)
+    for s in range(3):
+        assert fast[s]["losses"] == pytest.approx(slow[s]["losses"], rel=1e-5, abs=1e-7)
+        x, y = load_file(tmp_path / f"f{s}" / "model.safetensors"), load_file(tmp_path / f"s{s}" / "model.safetensors")
+        for name in x:
+            torch.testing.assert_close(x[name], y[name], atol=1e-5, rtol=1e-4)
