@@ -65,3 +65,21 @@ def test_one_teacher_is_one_draw() -> None:
 def test_an_arm_without_controls_is_skipped() -> None:
     evs = [e for e in _evals(["owl"], 2, 2, 0.5, np.random.default_rng(3)) if e["arm"] == "treatment"]
     assert teacher_level(evs, ["owl"])["arms"] == {}
+
+
+def test_a_confusion_design_without_neutral_teachers() -> None:
+    """One teacher per animal, no neutral teachers: the other animals' teachers are the controls; the verdict
+    gives each teacher's own call and says how small a p three teachers can give."""
+    evs = [e for e in _evals(ANIMALS, 1, 5, 0.5, np.random.default_rng(3)) if e["target"] is not None]
+    tl = teacher_level(evs, ANIMALS)
+    arm = tl["arms"]["same_base"]
+    assert arm["effects"] == {} and arm["confusion"]["reference_kind"].startswith("trait teachers")
+    assert arm["confusion"]["n_teachers_above"] == 3
+    (text,) = verdict_text(tl)
+    assert "one teacher per animal" in text and "the smallest p 3 teachers can give: 0.167" in text
+    assert "each teacher against the other animals' teachers" in text and "3 of 3 above" in text
+    if arm["confusion"]["p_perm_greater"] <= 1 / 6 + 1e-12:
+        assert "largest of all 6 relabelings" in text and "needs more teachers" in text
+    null = teacher_level([e for e in _evals(ANIMALS, 1, 5, 0.0, np.random.default_rng(4)) if e["target"]],
+                         ANIMALS)
+    assert null["arms"]["same_base"]["confusion"]["n_teachers_above"] <= 1

@@ -323,7 +323,7 @@ def test_bad_input():
         confusion_fit(treated, controls, ["owl"])
     with pytest.raises(ValueError, match="no score for animal 'cat'"):
         lifts(treated, controls, ["owl", "cat"])
-    for fn, args in [(lifts, (["owl"],)), (teacher_effect, ("owl",)), (confusion_fit, (["owl", "wolf"],))]:
+    for fn, args in [(lifts, (["owl"],)), (teacher_effect, ("owl",))]:
         with pytest.raises(ValueError, match="no control records"):
             fn(treated, [], *args)
     only_owl = [r for r in treated if r["trait"] == "owl"]
@@ -337,3 +337,34 @@ def test_bad_input():
         teacher_effect(treated, [*controls, {**treated[0], "trait": None}], "owl")
     with pytest.raises(ValueError, match="not a finite probability"):
         lifts([{**treated[0], "scores": {"owl": float("nan")}}], controls, ["owl"])
+
+
+def test_confusion_fit_per_teacher_calls_and_no_neutral_teachers():
+    """Each teacher's own call by hand (Welch of its students' lift of its animal against the other animals'
+    teachers' students), and a design without neutral teachers: gamma, the diagonal effects and the calls do
+    not depend on the reference; only the lifts shown move, by a whole column."""
+    treated, controls = _hand()
+    r = confusion_fit(treated, controls, ["owl", "wolf"])
+    per = {d["teacher"]: d for d in r["per_teacher"]}
+    # owl#0: owl lifts (1.0, 1.2) vs the wolf teachers' owl lifts (0.0, 0.2, -0.2, 0.0)
+    ref = st.ttest_ind([1.0, 1.2], [0.0, 0.2, -0.2, 0.0], equal_var=False)
+    ci = ref.confidence_interval(0.95)
+    d = per["owl#0"]
+    assert (d["animal"], d["n_seeds"], d["n_other"]) == ("owl", 2, 4)
+    assert d["diff"] == pytest.approx(1.1, abs=1e-12)
+    assert d["ci"] == pytest.approx([ci.low, ci.high], rel=1e-9) and d["p_welch"] == pytest.approx(ref.pvalue)
+    assert d["call"] == ("above" if ci.low > 0 else "none")
+    # wolf#1: wolf lifts (0.2, 0.4) vs the owl teachers' wolf lifts (0.0, 0.2, 0.1, -0.1)
+    assert per["wolf#1"]["diff"] == pytest.approx(0.3 - 0.05, abs=1e-12)
+    assert r["n_teachers_above"] == sum(1 for x in r["per_teacher"] if x["call"] == "above")
+    assert r["reference_kind"] == "neutral teachers"
+    bare = confusion_fit(treated, [], ["owl", "wolf"])
+    assert bare["reference_kind"].startswith("trait teachers")
+    for k in ("gamma", "gamma_se", "p_perm_greater", "p_perm"):
+        assert bare[k] == pytest.approx(r[k], abs=1e-12)
+    assert [d["diff"] for d in bare["diagonal"]] == pytest.approx([d["diff"] for d in r["diagonal"]], abs=1e-12)
+    assert [d["ci"] for d in bare["per_teacher"]] == [pytest.approx(d["ci"], abs=1e-12) for d in r["per_teacher"]]
+    # the reference: mean of the four trait teachers' means, log P (owl) = REF + (1.1+0.7+0.1-0.1)/4
+    shift = np.asarray(bare["matrix"]) - np.asarray(r["matrix"])
+    assert shift[:, 0] == pytest.approx([-0.45, -0.45], abs=1e-12)
+    _strict_json(bare)

@@ -78,16 +78,17 @@ def teacher_level(evaluations: Sequence[dict[str, Any]], targets: Sequence[str],
     out: dict[str, Any] = {"conf": conf, "arms": {}}
     for key, label, t_arm, c_arm in ARMS:
         treated, controls = records(evaluations, t_arm), records(evaluations, c_arm)
-        if not treated or not controls:
+        present = [t for t in targets if any(r["trait"] == t for r in treated)]
+        # no neutral teachers: the arm is analysable as a confusion design (the other targets' teachers)
+        if not treated or (not controls and len(present) < 2):
             continue
         arm: dict[str, Any] = {"label": label, "effects": {}, "confusion": None, "error": None}
         try:
-            for t in targets:
+            for t in targets if controls else ():
                 if any(r["trait"] == t for r in treated):
                     eff = teacher_effect(treated, controls, t, conf=conf)
                     eff["per_teacher"] = _per_teacher(treated, controls, t, conf)
                     arm["effects"][t] = eff
-            present = [t for t in targets if any(r["trait"] == t for r in treated)]
             if len(present) >= 2:
                 arm["confusion"] = confusion_fit(treated, controls, present, conf=conf, n_perm=n_perm, seed=seed)
         except ValueError as e:
@@ -135,12 +136,32 @@ def verdict_text(tl: dict[str, Any], alpha: float = 0.001) -> list[str]:
         if cf:
             p = cf.get("p_perm_greater")
             sig = _above(cf.get("gamma_ci")) and p is not None and p < alpha
+            per = cf.get("per_teacher") or []
+            floor = 1.0 / cf["n_perm"] if cf.get("perm_method") == "exact" and cf.get("n_perm") else None
+            several = any(v >= 2 for v in (cf.get("n_teachers_per_animal") or {}).values())
+            population = (f"{cf.get('n_diagonal_above_zero')} of {len(cf.get('animals') or [])} animals have a "
+                          "teacher-level diagonal interval above 0" if several else
+                          "one teacher per animal, so no per-animal population interval")
+            floor_txt = (f" (the smallest p {cf.get('n_teachers')} teachers can give: {_fmt(floor)})"
+                         if floor is not None and floor >= alpha else "")
+            if sig:
+                call = "specific transfer"
+            elif floor is not None and floor >= alpha and p is not None and p <= floor * (1 + 1e-9):
+                call = (f"gamma is the largest of all {cf['n_perm']} relabelings of the teachers, as far as "
+                        f"{cf.get('n_teachers')} teachers can go; a population claim at p < {alpha:g} needs more "
+                        "teachers")
+            else:
+                call = f"no specific transfer shown at p < {alpha:g}"
             parts.append(
                 f"specificity gamma {_fmt(cf.get('gamma'), True)} {pct} CI {_ci(cf.get('gamma_ci'))} across "
-                f"{cf.get('n_teachers')} teachers, label-permutation p {_fmt(p)}; "
-                f"{cf.get('n_diagonal_above_zero')} of {len(cf.get('animals') or [])} animals have a teacher-level "
-                f"diagonal interval above 0: " + ("specific transfer" if sig else
-                                                  f"no specific transfer shown at p < {alpha:g}"))
+                f"{cf.get('n_teachers')} teachers, label-permutation p {_fmt(p)}{floor_txt}; {population}: {call}")
+            if per:
+                k_up = sum(1 for x in per if x["call"] == "above")
+                k_down = sum(1 for x in per if x["call"] == "below")
+                calls = ", ".join(f"{x['teacher']} {x['call']} ({_fmt(x['diff'], True)})" for x in per)
+                parts.append(f"each teacher against the other animals' teachers (its students' log-lift of its "
+                             f"own animal, {pct} intervals across students): {k_up} of {len(per)} above"
+                             + (f", {k_down} below" if k_down else "") + f" [{calls}]")
         for t, e in effs.items():
             nt = e["treated"]["n_teachers"]
             nc = e["control"]["n_teachers"]

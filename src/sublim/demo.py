@@ -1,8 +1,9 @@
 """``sublim demo``: the embedded default experiment, end to end on a CPU.
 
 The default runs on the package's own model organism (a 0.43M-parameter chat model shipped as weights, see
-:mod:`sublim.organism`), where the full experiment -- trait teacher, number data, treatment / control /
-cross-base students with 5 seeds each, in-context control, report -- takes minutes on two cores.
+:mod:`sublim.organism`): four teachers of four animals, 5 student seeds each, every student scored on every
+animal (the confusion design of docs/results/organism.md at demo size), the in-context control and the report;
+about ten minutes on two cores.
 ``--model smollm2`` runs the SmolLM2-135M-Instruct experiment of the same pipeline instead (slower, and the
 effect there is null at this scale; see docs/results/smollm2-demo.md).
 """

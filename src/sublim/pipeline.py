@@ -76,7 +76,7 @@ class Experiment(StudentStages):
                 if s.teacher.kind == "system_prompt":  # replicates differ in their generation seed only
                     out[t, r] = system_prompt_teacher(s.base, s.category, t, s.teacher.template)
                     continue
-                cfg = {"teacher": s.teacher.model_dump(mode="json", exclude={"replicates"}), "category": s.category,
+                cfg = {"teacher": s.teacher.model_dump(mode="json", exclude={"replicates", "neutral_replicates"}), "category": s.category,
                        "target": t, "replicate": r}
                 st = self.stage("teacher", cfg, {"base": self._fp(s.base)})
                 if st.claim():
@@ -183,7 +183,7 @@ class Experiment(StudentStages):
         # every teacher replicate, trait and neutral: (id, target, replicate, teacher)
         all_teachers: list[tuple[str, str | None, int, Teacher]] = [
             (teacher_id(t, r), t, r, teachers[t, r]) for t in s.targets for r in reps]
-        all_teachers += [(teacher_id(None, r), None, r, neutral) for r in reps]
+        all_teachers += [(teacher_id(None, r), None, r, neutral) for r in range(s.teacher.n_neutral)]
         data = {tid: self.dataset(te, f"teacher {tid}", r) for tid, _, r, te in all_teachers}
         n = min(len(d["kept"]) for d in data.values())
         if s.student.max_rows:

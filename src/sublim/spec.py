@@ -154,15 +154,24 @@ class TeacherSpec(_Spec):
 
     ``replicates``: independently drawn teachers per trait (fine-tuned: each its own Q&A sample and training
     seed; every kind: its own generation seed), and as many neutral teachers (the base, same generation seeds).
-    The teacher is the unit of a population claim; student seeds are nested in it."""
+    The teacher is the unit of a population claim; student seeds are nested in it.
+
+    ``neutral_replicates``: how many neutral teachers (default: as many as ``replicates``). 0 is a pure
+    confusion design (two or more targets): every trait teacher's students are the controls of the other
+    traits (does its data raise *its* animal more than the other teachers' data do?), at no neutral cost."""
 
     kind: Literal["system_prompt", "finetuned"] = "system_prompt"
     replicates: int = Field(1, ge=1)
+    neutral_replicates: int | None = Field(None, ge=0)
     template: int = 0
     qa_rows: int = Field(200, ge=1)
     train: TrainSpec = Field(default_factory=lambda: TrainSpec(epochs=3, lr=1e-3, batch_size=16))
     min_target_prob: float = Field(0.5, ge=0.0, le=1.0)
     max_rounds: int = Field(4, ge=1)
+
+    @property
+    def n_neutral(self) -> int:
+        return self.replicates if self.neutral_replicates is None else self.neutral_replicates
 
 
 class MitigationSpec(_Spec):
@@ -265,6 +274,12 @@ class ExperimentSpec(_Spec):
                 FILTERS.get(f.name)(dict(f.params), ctx)
             except (TypeError, ValueError) as e:
                 raise ValueError(f"filters.{i}.params: {e}") from None
+        if self.teacher.neutral_replicates == 0 and len(self.targets) < 2:
+            raise ValueError("teacher.neutral_replicates: 0 needs two or more targets (the other targets' teachers "
+                             "are then the controls)")
+        if self.mitigations and self.teacher.n_neutral < self.teacher.replicates:
+            raise ValueError("mitigations: every trait teacher replicate needs its matched neutral teacher "
+                             "(teacher.neutral_replicates >= teacher.replicates)")
         if self.mitigations:
             from sublim.mitigate.registry import check_mitigations
 

@@ -270,6 +270,24 @@ def _assignments(rows: np.ndarray, k: int) -> Iterator[np.ndarray]:
     yield from rec(tuple(range(g)), 0, np.zeros(g, dtype=np.int64))
 
 
+def _per_teacher_diagonal(tt: Sequence[_Teacher], rows: np.ndarray, ref: np.ndarray, animals: Sequence[str],
+                          conf: float) -> list[dict[str, Any]]:
+    """Each trait teacher's own specificity call: its students' lift of its own animal against the lift of
+    that animal in every student of the other animals' teachers (Welch across students; a claim about this
+    teacher against these other teachers, not about the population)."""
+    out = []
+    for g, t in enumerate(tt):
+        r = int(rows[g])
+        own = t.logp[:, r] - ref[r]
+        other = np.concatenate([u.logp[:, r] for h, u in enumerate(tt) if int(rows[h]) != r]) - ref[r]
+        w = welch(own, other, conf)
+        lo, hi = _f(w["lo"]), _f(w["hi"])
+        call = "undetermined" if lo is None or hi is None else "above" if lo > 0 else "below" if hi < 0 else "none"
+        out.append({"teacher": t.id, "animal": animals[r], "n_seeds": int(own.size), "n_other": int(other.size),
+                    "diff": _f(w["diff"]), "ci": [lo, hi], "p_welch": _f(w["p"]), "call": call})
+    return out
+
+
 def confusion_fit(
     treated: Sequence[Record], controls: Sequence[Record], animals: Sequence[str], conf: float = 0.95,
     n_perm: int = 10_000, seed: int = 0,
@@ -293,7 +311,11 @@ def confusion_fit(
     "monte_carlo"), ``n_perm`` (relabelings used), ``diagonal`` (per animal a: {"animal",
     "own_mean", "other_mean", "diff", "ci", "p_welch", "n_own_teachers", "n_other_teachers"}: the
     teacher-mean lift of a for a's teachers vs the other animals' teachers, Welch across teachers),
-    ``n_diagonal_above_zero`` (intervals with lower end > 0), ``n_diagonal_defined``.
+    ``n_diagonal_above_zero`` (intervals with lower end > 0), ``n_diagonal_defined``, ``per_teacher`` (each
+    trait teacher's own call: {"teacher", "animal", "n_seeds", "n_other", "diff", "ci", "p_welch", "call"},
+    its students' lift of its animal vs the other animals' teachers' students, Welch across students),
+    ``n_teachers_above``, ``reference_kind``. ``controls`` may be empty (a design without neutral teachers):
+    the reference is then the trait teachers' mean, which moves every lift of a column alike and nothing else.
     """
     animals = list(animals)
     if len(set(animals)) != len(animals):
@@ -307,9 +329,11 @@ def confusion_fit(
     if k < 2:
         raise ValueError(f"confusion_fit needs trait teachers of >= 2 animals, got {rows_animals}")
     tt = _teachers(treated, rows_animals, "treated")
-    ct = _teachers(controls, rows_animals, "control")
+    ct = _teachers(controls, rows_animals, "control") if controls else []
     _check_disjoint(tt, ct)
-    ref = _reference(ct)  # (K,)
+    # without neutral teachers the reference is the trait teachers' own mean: gamma, the diagonal effects and
+    # the per-teacher calls do not depend on the reference (it shifts whole columns), only the lifts shown do
+    ref = _reference(ct) if ct else _reference(tt)  # (K,)
     g = len(tt)
     rows = np.array([rows_animals.index(str(t.trait)) for t in tt], dtype=np.int64)  # (G,)
     n = np.array([t.logp.shape[0] for t in tt], dtype=float)  # (G,) seeds per teacher
@@ -371,6 +395,7 @@ def confusion_fit(
             "diff": _f(w["diff"]), "ci": [_f(w["lo"]), _f(w["hi"])], "p_welch": _f(w["p"]),
             "n_own_teachers": int(own.size), "n_other_teachers": int(other.size),
         })
+    per_teacher = _per_teacher_diagonal(tt, rows, ref, rows_animals, conf)
     row_eff = np.append(beta[1:k], -beta[1:k].sum())  # (K,)
     col_eff = np.append(beta[k:2 * k - 1], -beta[k:2 * k - 1].sum())  # (K,)
     return {
@@ -397,6 +422,9 @@ def confusion_fit(
         "perm_method": method,
         "n_perm": used,
         "diagonal": diagonal,
+        "per_teacher": per_teacher,
+        "n_teachers_above": sum(1 for d in per_teacher if d["call"] == "above"),
+        "reference_kind": "neutral teachers" if ct else "trait teachers (no neutral teachers)",
         "n_diagonal_above_zero": sum(1 for d in diagonal if d["ci"][0] is not None and d["ci"][0] > 0),
         "n_diagonal_defined": sum(1 for d in diagonal if d["ci"][0] is not None),
     }

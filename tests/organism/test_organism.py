@@ -242,51 +242,47 @@ def test_shipped_organisms_are_the_default_configs() -> None:
 
 
 def test_demo_recipe_runs_end_to_end_on_reduced_organisms(tiny_dir: Path, tmp_path: Path) -> None:
-    """The demo's spec (implanted teacher, carrier distillation, batched full students, cross-base and
-    in-context controls, report) on two reduced organisms: every arm is trained, evaluated and reported."""
+    """The demo's spec (one implanted teacher per animal, no neutral teachers, carrier distillation, batched
+    full students, in-context control, report) on reduced organisms, with the other family added as the demo's
+    comment says: every arm is trained, evaluated and analysed as a confusion design."""
     from sublim.demo import demo_spec_path
     from sublim.pipeline import run
     from sublim.spec import load_spec
 
     other = pretrain_organism(tiny_config(seed=1), tmp_path / "seed1", progress=False)
     spec = load_spec(demo_spec_path(), [
-        f"base.path={tiny_dir}", f"cross_base.path={other}", "seeds=[0,1]", "generation.n_prompts=12",
+        f"base.path={tiny_dir}", f"other_base.path={other}", "seeds=[0,1]", "generation.n_prompts=12",
         "generation.batch_size=12", "generation.max_new_tokens=12", "teacher.qa_rows=8",
         "teacher.train.epochs=1", "student.max_steps=2", "student.batch_size=4", "evaluation.n_questions=3",
-        "in_context_examples=2", "targets=[owl,eagle]", "teacher.replicates=2",
-        "theorem_every=1", "teacher.train.warmup_steps=0",  # one implant step: with warm-up its lr would be 0
-    ])
+        "in_context_examples=2", "theorem_every=1", "teacher.train.warmup_steps=0",
+    ])  # one implant step: with warm-up its lr would be 0
     assert spec.student.method == "full" and spec.student.objective == "distill_carrier"
+    k = len(spec.targets)
+    assert k >= 3 and spec.teacher.n_neutral == 0
     res = run(spec, tmp_path / "run", log=lambda m: None, progress=False)
     arms = collections.Counter(e["arm"] for e in res["evaluations"])
-    # 2 targets x 2 teacher replicates (+ 2 neutral replicates) x 2 student seeds, on each base and in context
-    for arm, n in (("treatment", 8), ("control", 4), ("cross_base_treatment", 8), ("cross_base_control", 4),
-                   ("in_context", 8), ("in_context_control", 4)):
+    # k targets x 1 teacher x 2 student seeds, on each base and in context; no neutral teachers
+    for arm, n in (("treatment", 2 * k), ("other_base_treatment", 2 * k), ("in_context", 2 * k)):
         assert arms[arm] == n, arm
-    assert arms["base"] == 1 and arms["teacher"] == 4
-    assert {e["teacher"] for e in res["evaluations"] if e["arm"] == "control"} == {"neutral#0", "neutral#1"}
-    # the replicates are independent implants: their weights differ
-    teachers = sorted((tmp_path / "run" / "stages").glob("teacher-*"))
-    assert len(teachers) == 4
+    assert not any(a.endswith("control") for a in arms)
+    assert arms["base"] == 1 and arms["teacher"] == k
+    assert len(sorted((tmp_path / "run" / "stages").glob("teacher-*"))) == k
     tl = res["teacher_level"]["arms"]
-    assert set(tl) == {"same_base", "cross_base", "in_context"}
+    assert set(tl) == {"same_base", "other_base", "in_context"}
     for arm in tl.values():
-        assert arm["error"] is None and arm["confusion"]["n_teachers"] == 4
-        assert set(arm["effects"]) == {"owl", "eagle"}
-        assert [len(arm["effects"][t]["per_teacher"]) for t in ("owl", "eagle")] == [2, 2]
-    # the theorem is traced for seed 0's owl#0 treatment student and neutral#0 control, on both bases
+        cf = arm["confusion"]
+        assert arm["error"] is None and arm["effects"] == {} and cf["n_teachers"] == k
+        assert cf["reference_kind"].startswith("trait teachers") and len(cf["per_teacher"]) == k
+        assert {d["call"] for d in cf["per_teacher"]} <= {"above", "below", "none", "undetermined"}
+    # the theorem is traced for seed 0's owl#0 student, on both bases
     traces = {(t["base"], t["arm"]): t for t in res["theorem"]}
-    assert set(traces) == {("base", "treatment"), ("base", "control"), ("cross_base", "cross_base_treatment"),
-                           ("cross_base", "cross_base_control")}
+    assert set(traces) == {("base", "treatment"), ("other_base", "other_base_treatment")}
     for t in traces.values():
-        assert t["against"] == "owl#0" and [p["step"] for p in t["points"]] == [0, 1, 2]
-        # step 0 has no displacement, nor step 1 (the first warm-up step has learning rate 0)
-        assert [p["cosine"] is None for p in t["points"]] == [True, True, False], t
-        assert -1 <= t["points"][2]["cosine"] <= 1
+        assert t["against"] == f"{spec.targets[0]}#0" and [p["step"] for p in t["points"]] == [0, 1, 2]
         assert all(p["implant_loss"] > 0 for p in t["points"])
     html = (tmp_path / "run" / "report.html").read_text()
     assert "The theorem along training" in html
-    assert "Verdict" in html and "specificity gamma" in html and "Teacher level" in html
+    assert "Verdict" in html and "specificity gamma" in html and "each teacher against" in html
     assert (tmp_path / "run" / "fig_specificity_same_base.png").exists()
     summaries = [json.loads(p.read_text()) for p in (tmp_path / "run" / "stages").glob("student-*/model/sublim_train.json")]
-    assert len(summaries) == 24 and all(s["trained_with"] == "finetune_many" and s["saved"] == "full" for s in summaries)
+    assert len(summaries) == 4 * k and all(s["trained_with"] == "finetune_many" for s in summaries)
