@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from scipy import stats as st
 
-from sublim.specificity import P_FLOOR, confusion_fit, lifts, teacher_effect
+from sublim.specificity import confusion_fit
+from sublim.teacher_effects import P_FLOOR, lifts, teacher_effect
 
 # Hand case: K=2 animals, 2 teachers each, 2 seeds. Lifts (col owl, col wolf) per student:
 HAND_LIFTS = {

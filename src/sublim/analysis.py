@@ -1,7 +1,7 @@
 """An experiment's evaluations -> the claims its design supports, at the teacher level.
 
 Per arm (same base, cross base, in context): the teacher-level effect of each target
-(:func:`sublim.specificity.teacher_effect`), each teacher replicate's own call (its students against the
+(:func:`sublim.teacher_effects.teacher_effect`), each teacher replicate's own call (its students against the
 neutral teachers' students), and with two or more targets the confusion-matrix specificity fit
 (:func:`sublim.specificity.confusion_fit`). :func:`verdict_text` states the result once, at the level the
 design supports: across teachers when there are replicates, for "this one teacher" when there are not.
@@ -12,8 +12,9 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from sublim.specificity import P_FLOOR, confusion_fit, teacher_effect
+from sublim.specificity import confusion_fit
 from sublim.stats import welch
+from sublim.teacher_effects import P_FLOOR, teacher_effect
 
 __all__ = ["ARMS", "records", "teacher_level", "verdict_text"]
 
@@ -27,7 +28,7 @@ ARMS: tuple[tuple[str, str, str, str], ...] = (
 
 
 def records(evaluations: Sequence[dict[str, Any]], arm: str, metric: str = "probs") -> list[dict[str, Any]]:
-    """The :mod:`sublim.specificity` records of one arm: one per (teacher, seed), repeated evaluations
+    """The :mod:`sublim.teacher_effects` records of one arm: one per (teacher, seed), repeated evaluations
     averaged. Results without a ``teacher`` field (one teacher per target) get ``<target>#0``."""
     acc: dict[tuple[str, Any], dict[str, Any]] = {}
     for ev in evaluations:

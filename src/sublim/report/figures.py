@@ -186,11 +186,12 @@ def specificity_heatmap(
     col_labels: Sequence[str],
     path: str | Path,
     title: str = "Mean log lift: rows = teacher's animal, columns = scored animal",
+    zero: str = "control",
 ) -> Path:
     """K x K heatmap of mean log lifts (e.g. ``confusion_fit(...)["matrix"]``): diverging colormap
     centred at 0 with symmetric limits, so the sign reads at a glance; the diagonal (a teacher's own
     animal, the specific effect) is outlined; values are written in the cells when K <= 12.
-    None / nan cells are shown blank."""
+    None / nan cells are shown blank. ``zero`` names what a lift of 0 is (the colour bar's label)."""
     mat = np.array([[np.nan if v is None else float(v) for v in row] for row in matrix], dtype=float)
     if mat.ndim != 2 or mat.size == 0:  # (K_rows, K_cols)
         return _empty(path, "no lifts to plot")
@@ -221,7 +222,7 @@ def specificity_heatmap(
                 if np.isfinite(v):
                     ax.text(j, i, "0.00" if abs(v) < 0.005 else f"{v:+.2f}", ha="center", va="center", fontsize=7,
                             color="white" if abs(v) > 0.6 * lim else "black")
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="mean log lift (0 = control)")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label=f"mean log lift (0 = {zero})")
     ax.set_title(title, fontsize=10)
     return _save(fig, path)
 

@@ -34,7 +34,9 @@ def verdict_section(res: dict[str, Any]) -> Section | None:
     sec.text("The teacher is the unit: each teacher replicate is an independently implanted teacher, its student "
              "seeds are nested in it, and the intervals above are across teachers (t on teachers - 1 degrees of "
              "freedom; the specificity fit clusters its standard errors by teacher). Effects are on log P(target): "
-             "ratios of geometric means against the students of neutral teachers. The same-base arm is the claim; "
+             "ratios of geometric means against the students of neutral teachers (in a design without neutral "
+             "teachers, lifts against the trait teachers' mean, and each teacher's call against the other animals' "
+             "teachers' students). The same-base arm is the claim; "
              "cross-base and in-context arms are its controls. The per-comparison sentences in 'Comparisons' "
              "pool every student as independent and are not corrected for the several comparisons made.",
              cls="note")
@@ -58,6 +60,19 @@ def teacher_tables(res: dict[str, Any]) -> Section | None:
                 ci = [None if lo is None else math.exp(lo), None if hi is None else math.exp(hi)]
                 rows.append([arm["label"], t, x["teacher"], f"{x['n_seeds']} seeds", _r(x["ratio"]), _rci(ci),
                              "", "", x["call"]])
+    spec_rows = []
+    for arm in tl["arms"].values():
+        cf = arm.get("confusion") or {}
+        for x in cf.get("per_teacher") or []:
+            spec_rows.append([arm["label"], x["teacher"], x["animal"], f"{x['n_seeds']} vs {x['n_other']}",
+                              f"{x['diff']:+.3f}" if x.get("diff") is not None else "n/a", _rci(x["ci"]),
+                              _r(x.get("p_welch")), x["call"]])
+    if spec_rows:
+        sec.table(["arm", "teacher", "its animal", "students (own vs other teachers')",
+                   "log-lift of its animal, own minus others'", "95% CI", "p (Welch)", "call"], spec_rows)
+        sec.text("Each teacher's own specificity: its students' log P of its animal against the same animal in the "
+                 "students of the other animals' teachers (Welch across students). A statement about that teacher "
+                 "against those teachers; the population claim is gamma in the verdict.", cls="note")
     if rows:
         sec.table(["arm", "target", "teacher", "n (teachers / neutral, or seeds)", "ratio", "95% CI", "p perm (>)",
                    "sd between teachers", "sd within (seeds) / call"], rows)
@@ -79,7 +94,9 @@ def heatmap_figures(res: dict[str, Any], out_dir: Path) -> list[tuple[Path, str]
         if not cf or not cf.get("matrix"):
             continue
         p = specificity_heatmap(cf["matrix"], cf["animals"], cf["animals"], out_dir / f"fig_specificity_{key}.png",
-                                title=f"{arm['label']}: mean log lift (gamma {cf['gamma']:+.3f})")
+                                title=f"{arm['label']}: mean log lift (gamma {cf['gamma']:+.3f})",
+                                zero="neutral teachers" if cf.get("reference_kind", "neutral").startswith("neutral")
+                                else "mean of the trait teachers")
         figs.append((p, f"specificity heatmap, {arm['label']}"))
     return figs
 
