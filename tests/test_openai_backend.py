@@ -128,3 +128,33 @@ def test_the_stage_key_does_not_depend_on_where_the_endpoint_runs(server: dict[s
     assert a.key() == b.key()
     c = a.model_copy(update={"endpoint": a.endpoint.model_copy(update={"model": "other"})})  # type: ignore[union-attr]
     assert a.key() != c.key()
+
+
+def test_an_endpoint_backed_run_writes_the_key_nowhere(server: dict[str, Any], tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 15 item 6: a whole ``sublim run`` whose teachers generate through the endpoint (rows, stages,
+    students, evaluations, results, report, registry) and its log: the API key is in none of them."""
+    from sublim.pipeline import run
+    from sublim.spec import ExperimentSpec
+
+    monkeypatch.setenv(KEY_ENV, server["key"])
+    monkeypatch.setenv("SUBLIM_RUNS_DB", str(tmp_path / "runs.sqlite"))
+    ep = {"base_url": server["base_url"], "model": "smollm2", "api_key_env": KEY_ENV, "max_concurrency": 1}
+    spec = ExperimentSpec.model_validate({
+        "name": "endpoint-secrets", "base": {"path": "smollm2"}, "targets": ["owl"],
+        "teacher": {"kind": "system_prompt"},
+        "generation": {"n_prompts": 8, "batch_size": 4, "max_new_tokens": 24, "seed": 0, "endpoint": ep},
+        "filters": [{"name": "format"}, {"name": "count"}],
+        "student": {"method": "lora", "lora": {"rank": 2, "alpha": 4}, "max_steps": 2, "batch_size": 2,
+                    "lr": 1e-3},
+        "seeds": [0], "evaluation": {"n_questions": 2, "batch_size": 2, "number_prefix": False},
+        "stats": {"n_boot": 100},
+    })
+    lines: list[str] = []
+    res = run(spec, tmp_path / "run", log=lines.append, progress=False)
+    assert {e["arm"] for e in res["evaluations"]} >= {"treatment", "control"}
+    files = [f for f in tmp_path.rglob("*") if f.is_file()]
+    assert len(files) > 10
+    for f in files:
+        assert server["key"].encode() not in f.read_bytes(), f
+    assert all(server["key"] not in line for line in lines)
