@@ -109,9 +109,17 @@ VALUES = st.one_of(st.text(max_size=12), st.integers(-5, 10**6).map(str), st.sam
     ["[0,1]", "[owl]", "{a: 1}", "null", "-1", "1e-3", "[", "'", "owl", "full", "2.5"]))
 
 
-@FAST
-@given(st.lists(st.tuples(KEYS, VALUES), max_size=3))
-def test_spec_overrides_fail_cleanly(tmp_path_factory: pytest.TempPathFactory, pairs: list[tuple[str, str]]) -> None:
+OVERRIDES = st.lists(st.tuples(KEYS, VALUES), max_size=3)
+LINES = st.lists(st.one_of(st.text(max_size=20), st.dictionaries(st.sampled_from(["prompt", "completion", "x"]),
+                                                                 st.one_of(st.text(max_size=5), st.integers()),
+                                                                 max_size=3).map(json.dumps)), max_size=4)
+RULES = st.text(st.sampled_from(list("abz_.0123456789<>=!, '\"-e")), max_size=25)
+# the slow marker's share of the other inputs: 20,000 each (with the parsers' 2 x 50,000: 160,000 in all)
+SLOW_EACH = settings(max_examples=20_000, deadline=None,
+                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+
+def _check_overrides(pairs: list[tuple[str, str]]) -> None:
     spec = Path(__file__).resolve().parents[1] / "examples" / "owl-numbers.yaml"
     try:
         load_spec(spec, [f"{k}={v}" for k, v in pairs])
@@ -120,12 +128,8 @@ def test_spec_overrides_fail_cleanly(tmp_path_factory: pytest.TempPathFactory, p
         assert msg and "\n" not in msg.strip() and "Traceback" not in msg
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(st.one_of(st.text(max_size=20), st.dictionaries(st.sampled_from(["prompt", "completion", "x"]),
-                                                                   st.one_of(st.text(max_size=5), st.integers()),
-                                                                   max_size=3).map(json.dumps)), max_size=4))
-def test_dataset_readers_fail_cleanly(tmp_path: Path, lines: list[str]) -> None:
-    p = tmp_path / "d.jsonl"
+def _check_readers(d: Path, lines: list[str]) -> None:
+    p = d / "d.jsonl"
     p.write_text("\n".join(lines) + "\n", encoding="utf-8")
     try:
         rows = load_rows(p)
@@ -136,9 +140,7 @@ def test_dataset_readers_fail_cleanly(tmp_path: Path, lines: list[str]) -> None:
         assert rows and all(isinstance(r["prompt"], str) and isinstance(r["completion"], str) for r in rows)
 
 
-@FAST
-@given(st.text(st.sampled_from(list("abz_.0123456789<>=!, '\"-e")), max_size=25))
-def test_fail_on_rules_parse_or_fail_cleanly(rule: str) -> None:
+def _check_rule(rule: str) -> None:
     try:
         ts = parse_fail_on(rule)
     except AuditInputError as e:
@@ -146,3 +148,31 @@ def test_fail_on_rules_parse_or_fail_cleanly(rule: str) -> None:
     else:
         for t in ts:
             assert t.op in (">=", "<=", "==", "!=", ">", "<") and t.metric
+
+
+@FAST
+@given(OVERRIDES)
+def test_spec_overrides_fail_cleanly(pairs: list[tuple[str, str]]) -> None:
+    _check_overrides(pairs)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(LINES)
+def test_dataset_readers_fail_cleanly(tmp_path: Path, lines: list[str]) -> None:
+    _check_readers(tmp_path, lines)
+
+
+@FAST
+@given(RULES)
+def test_fail_on_rules_parse_or_fail_cleanly(rule: str) -> None:
+    _check_rule(rule)
+
+
+@pytest.mark.slow
+@SLOW_EACH
+@given(OVERRIDES, LINES, RULES)
+def test_overrides_readers_and_rules_many_inputs(tmp_path: Path, pairs: list[tuple[str, str]], lines: list[str],
+                                                 rule: str) -> None:  # 20,000 x (overrides, a dataset, a rule)
+    _check_overrides(pairs)
+    _check_readers(tmp_path, lines)
+    _check_rule(rule)
