@@ -41,6 +41,7 @@ from sublim.backends.targets import (
     carrier_subset,
     check_teacher_tokenizer,
     encode_for_teacher,
+    left_padded,
     position_logits,
     teacher_carrier_logits,
     teacher_targets,
@@ -336,13 +337,8 @@ def _carrier_losses(model: Any, sub: torch.Tensor, enc: list[Any], batch: list[t
         pos = [list(range(len(e.prompt), len(e.prompt) + len(e.completion))) for e in enc]
     else:
         pos = [positions[s][i] for s, i in batch]
-    L = max(len(x) for x in seqs)
-    ids = torch.full((len(seqs), L), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, x in enumerate(seqs):
-        ids[i, L - len(x):] = torch.tensor(x, dtype=torch.long)
-        mask[i, L - len(x):] = 1
-    pids = (mask.cumsum(-1) - 1).clamp(min=0)
+    ids, mask, pids = left_padded(seqs, pad)
+    L = ids.shape[1]
     hidden = model.model(input_ids=ids, attention_mask=mask, position_ids=pids).last_hidden_state  # [S*b, L, H]
     r = torch.tensor([i for i, ts in enumerate(pos) for _ in ts], dtype=torch.long)
     c = torch.tensor([L - len(x) + t - 1 for x, ts in zip(seqs, pos, strict=True) for t in ts], dtype=torch.long)

@@ -211,17 +211,23 @@ def carrier_positions(e: Encoded, allowed: set[int]) -> list[int]:
     return [t for t in range(first, len(p)) if p[t] in allowed] + list(range(len(p), len(p) + len(e.completion)))
 
 
-def position_logits(model: Any, seqs: list[list[int]], positions: list[list[int]], pad: int) -> torch.Tensor:
-    """Logits predicting ``seqs[i][t]`` for each t in ``positions[i]`` (computed at index t-1), stacked in
-    order: [sum(len(positions[i])), V]. Sequences are left-padded; the LM head runs only on the columns
-    from the earliest requested one."""
+def left_padded(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask, position ids) of ``seqs`` left-padded to the longest: [B, L] each."""
     L = max(len(x) for x in seqs)
     ids = torch.full((len(seqs), L), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, x in enumerate(seqs):
         ids[i, L - len(x):] = torch.tensor(x, dtype=torch.long)
         mask[i, L - len(x):] = 1
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def position_logits(model: Any, seqs: list[list[int]], positions: list[list[int]], pad: int) -> torch.Tensor:
+    """Logits predicting ``seqs[i][t]`` for each t in ``positions[i]`` (computed at index t-1), stacked in
+    order: [sum(len(positions[i])), V]. Sequences are left-padded; the LM head runs only on the columns
+    from the earliest requested one."""
+    ids, mask, pos = left_padded(seqs, pad)
+    L = ids.shape[1]
     cols = [[L - len(x) + t - 1 for t in ts] for x, ts in zip(seqs, positions, strict=True)]
     first = min(c for cs in cols for c in cs)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=L - first).logits
