@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from sublim.backends.carrier_head import carrier_head as _carrier_head
+from sublim.backends.carrier_head import carrier_losses as _carrier_losses
 from sublim.backends.stacked import (
     StackedEmbedding,
     StackedLinear,
@@ -41,7 +43,6 @@ from sublim.backends.targets import (
     carrier_subset,
     check_teacher_tokenizer,
     encode_for_teacher,
-    left_padded,
     position_logits,
     teacher_carrier_logits,
     teacher_targets,
@@ -297,63 +298,6 @@ def _per_student_loss(model: Any, batch: list[tuple[int, int]], S: int, spec: Tr
             out.append((sl.sum() * 0.0, 0))
             continue
         out.append((objective_loss(sl, target, tl, spec.objective, subset, *soft), n))
-    return out
-
-
-# causal LMs whose logits are exactly ``lm_head(model(...).last_hidden_state)`` (no scaling, no soft-capping)
-_PLAIN_HEADS = {"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM"}
-
-
-def _carrier_head(model: Any, spec: TrainSpec, targets: list[list[torch.Tensor]] | None,
-                  cols: Sequence[torch.Tensor | None] | None, batch: list[tuple[int, int]],
-                  jobs: Sequence[StudentJob]) -> torch.Tensor | None:
-    """The carrier columns every student of the batch is distilled on, when the LM head can run on those
-    columns alone: ``distill_carrier`` with cached teacher targets, one column set for all students, no
-    loss masks, and a stacked head of a plain architecture. Else None (the general path)."""
-    if spec.objective != "distill_carrier" or targets is None or not cols or cols[0] is None:
-        return None
-    if type(model).__name__ not in _PLAIN_HEADS or not isinstance(model.get_output_embeddings(), StackedLinear):
-        return None
-    if model.get_output_embeddings().bias is not None or any(not torch.equal(c, cols[0]) for c in cols if c is not None) \
-            or any(c is None for c in cols):
-        return None
-    if any(jobs[s].encoded[i].loss_mask is not None for s, i in batch):
-        return None
-    return cols[0]
-
-
-def _carrier_losses(model: Any, sub: torch.Tensor, enc: list[Any], batch: list[tuple[int, int]], S: int, b: int,
-                    pad: int, targets: list[list[torch.Tensor]], positions: list[list[list[int]]] | None,
-                    soft: tuple[float, int | None]) -> list[tuple[torch.Tensor, int]]:
-    """Each student's distill_carrier loss with the LM head run on the carrier columns only (the loss
-    renormalises over them, so the other columns' logits are never needed): the backbone's final hidden
-    states at the distilled positions, times each student's head rows ``sub``. Sequences are left-padded
-    whole (prompt + completion), so no column is padding for every row. Equal to the general path up to
-    float summation order (tests/test_multi_student.py)."""
-    from sublim.backends.train import kl_per_token
-
-    seqs = [e.prompt + e.completion for e in enc]
-    if positions is None:
-        pos = [list(range(len(e.prompt), len(e.prompt) + len(e.completion))) for e in enc]
-    else:
-        pos = [positions[s][i] for s, i in batch]
-    ids, mask, pids = left_padded(seqs, pad)
-    L = ids.shape[1]
-    hidden = model.model(input_ids=ids, attention_mask=mask, position_ids=pids).last_hidden_state  # [S*b, L, H]
-    r = torch.tensor([i for i, ts in enumerate(pos) for _ in ts], dtype=torch.long)
-    c = torch.tensor([L - len(x) + t - 1 for x, ts in zip(seqs, pos, strict=True) for t in ts], dtype=torch.long)
-    h = hidden[r, c]  # [N, H], students' rows contiguous
-    w = model.get_output_embeddings().weight[:, sub, :]  # [S, k, H]
-    sizes = [sum(len(p) for p in pos[s * b:(s + 1) * b]) for s in range(S)]
-    out = []
-    for s, hs in enumerate(torch.split(h, sizes)):
-        n = sizes[s]
-        if n == 0:
-            out.append((w[s].sum() * 0.0, 0))
-            continue
-        sl = (hs @ w[s].to(hs.dtype).T).float()
-        tl = torch.cat([targets[s][i] for _, i in batch[s * b:(s + 1) * b]])
-        out.append((kl_per_token(sl, tl, *soft), n))
     return out
 
 
