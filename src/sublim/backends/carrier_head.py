@@ -32,8 +32,7 @@ def carrier_head(model: Any, spec: TrainSpec, targets: list[list[torch.Tensor]] 
         return None
     if type(model).__name__ not in _PLAIN_HEADS or not isinstance(model.get_output_embeddings(), StackedLinear):
         return None
-    if model.get_output_embeddings().bias is not None or any(not torch.equal(c, cols[0]) for c in cols if c is not None) \
-            or any(c is None for c in cols):
+    if model.get_output_embeddings().bias is not None or any(c is None or not torch.equal(c, cols[0]) for c in cols):
         return None
     if any(jobs[s].encoded[i].loss_mask is not None for s, i in batch):
         return None
