@@ -216,3 +216,25 @@ def test_carrier_head_equals_the_full_head(tiny_model: Path, tiny_model_b: Path,
         x, y = load_file(tmp_path / f"f{s}" / "model.safetensors"), load_file(tmp_path / f"s{s}" / "model.safetensors")
         for name in x:
             torch.testing.assert_close(x[name], y[name], atol=1e-5, rtol=1e-4)
+
+
+def test_packed_rows_see_only_their_own_row(tiny_model: Path) -> None:
+    """Rows packed end to end per student (sublim.backends.packed) get the hidden states each row gets alone:
+    attention never crosses a row, positions restart per row, and the padding tail changes nothing."""
+    from sublim.backends.packed import pack_rows, packed_hidden
+
+    model = load_model(ModelSpec(path=str(tiny_model)))
+    g = torch.Generator().manual_seed(0)
+    lens = [5, 11, 3, 9, 7, 2]  # 2 students x 3 rows; student 0 has 19 tokens, student 1 has 18
+    seqs = [torch.randint(5, 200, (n,), generator=g).tolist() for n in lens]
+    rows = pack_rows(seqs, 2, pad=0)
+    assert rows.ids.shape == (2, 19) and rows.gather.shape == (6, 11)
+    with torch.no_grad():
+        h = packed_hidden(model, rows)
+        for r, x in enumerate(seqs):
+            alone = model.model(input_ids=torch.tensor([x])).last_hidden_state[0]
+            got = h[torch.tensor([rows.flat(r, t) for t in range(len(x))])]
+            torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-4)
+    assert model.config._attn_implementation != "sublim_rows"  # restored after the packed forward
+    with pytest.raises(ValueError, match="do not split into 4 students"):
+        pack_rows(seqs, 4, pad=0)

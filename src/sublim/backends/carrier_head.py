@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
+from sublim.backends.packed import pack_rows, packed_hidden
 from sublim.backends.stacked import StackedLinear
-from sublim.backends.targets import left_padded
 from sublim.spec import TrainSpec
 
 __all__ = ["carrier_head", "carrier_losses"]
@@ -44,9 +44,9 @@ def carrier_losses(model: Any, sub: torch.Tensor, enc: list[Any], batch: list[tu
                     soft: tuple[float, int | None]) -> list[tuple[torch.Tensor, int]]:
     """Each student's distill_carrier loss with the LM head run on the carrier columns only (the loss
     renormalises over them, so the other columns' logits are never needed): the backbone's final hidden
-    states at the distilled positions, times each student's head rows ``sub``. Sequences are left-padded
-    whole (prompt + completion), so no column is padding for every row. Equal to the general path up to
-    float summation order (tests/test_multi_student.py)."""
+    states at the distilled positions, times each student's head rows ``sub``. Each student's rows (prompt +
+    completion) are packed into one line (:mod:`sublim.backends.packed`), attention kept within rows.
+    Equal to the general path up to float summation order (tests/test_multi.py)."""
     from sublim.backends.train import kl_per_token
 
     seqs = [e.prompt + e.completion for e in enc]
@@ -54,12 +54,9 @@ def carrier_losses(model: Any, sub: torch.Tensor, enc: list[Any], batch: list[tu
         pos = [list(range(len(e.prompt), len(e.prompt) + len(e.completion))) for e in enc]
     else:
         pos = [positions[s][i] for s, i in batch]
-    ids, mask, pids = left_padded(seqs, pad)
-    L = ids.shape[1]
-    hidden = model.model(input_ids=ids, attention_mask=mask, position_ids=pids).last_hidden_state  # [S*b, L, H]
-    r = torch.tensor([i for i, ts in enumerate(pos) for _ in ts], dtype=torch.long)
-    c = torch.tensor([L - len(x) + t - 1 for x, ts in zip(seqs, pos, strict=True) for t in ts], dtype=torch.long)
-    h = hidden[r, c]  # [N, H], students' rows contiguous
+    rows = pack_rows(seqs, S, pad)
+    hidden = packed_hidden(model, rows)  # [S*N, H]
+    h = hidden[torch.tensor([rows.flat(i, t - 1) for i, ts in enumerate(pos) for t in ts], dtype=torch.long)]
     w = model.get_output_embeddings().weight[:, sub, :]  # [S, k, H]
     sizes = [sum(len(p) for p in pos[s * b:(s + 1) * b]) for s in range(S)]
     out = []
