@@ -1,4 +1,4 @@
-"""Trait evaluation: exact probabilities (KV cache) against brute force, and the sampled scorer's matcher."""
+"""Trait evaluation: exact probabilities (4D-mask tree and KV cache) against brute force, and the sampled scorer's matcher."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -66,8 +66,14 @@ def brute_force(model: Any, chat: ChatFormat, questions: list[str], candidates: 
     return out
 
 
+@pytest.mark.parametrize("path", ["tree", "cached"])
 @pytest.mark.parametrize("system", [None, "You love owls. You think about owls all the time."])
-def test_exact_probs_equal_brute_force(model: Any, chat: ChatFormat, system: str | None) -> None:
+def test_exact_probs_equal_brute_force(model: Any, chat: ChatFormat, system: str | None, path: str,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both scorers: variants after the prompt under a 4D mask, and variants on copies of the KV cache."""
+    assert ev._takes_4d_mask(model)
+    if path == "cached":
+        monkeypatch.setattr(ev, "_takes_4d_mask", lambda m: False)
     cands = ["owl", "cat", "elephant", "kangaroo", "dog"]
     plurals = CATEGORIES["animals"].plurals
     var = build_variants(chat.tokenizer, cands, plurals)

@@ -238,3 +238,29 @@ def test_packed_rows_see_only_their_own_row(tiny_model: Path) -> None:
     assert model.config._attn_implementation != "sublim_rows"  # restored after the packed forward
     with pytest.raises(ValueError, match="do not split into 4 students"):
         pack_rows(seqs, 4, pad=0)
+
+
+def test_batched_implants_equal_separate_implants(tiny_model: Path, tmp_path: Path) -> None:
+    """Round 0 of several full implants trained as one batched model is each implant as ``implant_teacher``
+    trains it alone (its own Q&A sample and seed), up to float summation order; ``implant_teacher`` then
+    reuses the batched round instead of training it again."""
+    from sublim.spec import TeacherSpec
+    from sublim.teachers import implant_first_rounds, implant_teacher
+
+    base = ModelSpec(path=str(tiny_model))
+    spec = TeacherSpec(kind="finetuned", qa_rows=24, max_rounds=1, min_target_prob=0.0,
+                       train=TrainSpec(method="full", epochs=2, lr=3e-3, batch_size=8, warmup_steps=0))
+    items = [("owl", 0, tmp_path / "owl0"), ("lion", 1, tmp_path / "lion1")]
+    implant_first_rounds(base, "animals", items, spec, progress=False)
+    alone = tmp_path / "alone"
+    implant_teacher(base, "animals", "lion", spec, alone, log=lambda _: None, replicate=1)
+    x = load_file(tmp_path / "lion1" / "round0" / "model.safetensors")
+    y = load_file(alone / "round0" / "model.safetensors")
+    for name in x:
+        torch.testing.assert_close(x[name], y[name], atol=1e-5, rtol=1e-4)
+    o = load_file(tmp_path / "owl0" / "round0" / "model.safetensors")
+    assert any(not torch.equal(o[n], x[n]) for n in x)  # the two implants are their own draws
+    before = (tmp_path / "owl0" / "round0" / "model.safetensors").stat().st_mtime_ns
+    _, summary = implant_teacher(base, "animals", "owl", spec, tmp_path / "owl0", log=lambda _: None)
+    assert (tmp_path / "owl0" / "round0" / "model.safetensors").stat().st_mtime_ns == before
+    assert summary["rounds"][0]["round"] == 0

@@ -4,8 +4,9 @@ Exact scorer: for each question, P(answer = candidate) is the sum over the candi
 (capitalisation, plural, with and without a leading space) of P(variant tokens | prompt) (chain rule)
 times P(the word ends there), where "ends" means the next token starts with a non-letter (space,
 punctuation, newline) or closes the turn. So "owl" does not absorb "owlet" and "cat" never counts
-"caterpillar". One prompt forward per question, then one batched forward of all variants on the
-prompt's KV cache.
+"caterpillar". One forward per batch of questions: every variant's tokens follow the prompt in the same row
+under a 4D attention mask (each attends to the prompt and its own earlier tokens), or, for attention
+implementations without 4D masks, one prompt forward and the variants on copies of its KV cache.
 """
 from __future__ import annotations
 
@@ -64,8 +65,6 @@ def exact_probs(model: Any, chat: ChatFormat, questions: Sequence[str], candidat
                 plurals: dict[str, str], system: str | None = None, batch_size: int = 8,
                 progress: bool | None = None) -> np.ndarray:
     """[n_questions, n_candidates] exact P(one-word answer = candidate)."""
-    import copy
-
     tok = chat.tokenizer
     var = build_variants(tok, candidates, plurals)
     bmask = boundary_mask(chat)
@@ -78,37 +77,93 @@ def exact_probs(model: Any, chat: ChatFormat, questions: Sequence[str], candidat
         groups.setdefault(len(s), []).append(i)
     out = np.zeros((len(questions), len(candidates)))
     bar = progress_bar(total=len(questions), desc="exact eval", unit="question", progress=progress)
+    tree = _takes_4d_mask(model)
     for start in range(0, len(questions), batch_size):
         qs = questions[start: start + batch_size]
         B = len(qs)
         ids, mask = left_pad([chat.encode_prompt(q, system) for q in qs], tok.pad_token_id)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        o = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-        first = o.logits[:, -1, :nv].float()
-        first_logp = first - first.logsumexp(-1, keepdim=True)  # [B, nv]
-        logp = torch.zeros(B, len(var.seqs))
-        for length, members in groups.items():
-            G = len(members)
-            g_ids = torch.tensor([var.seqs[i] for i in members]).repeat(B, 1)  # [B*G, length]
-            cache = copy.deepcopy(o.past_key_values)
-            cache.batch_repeat_interleave(G)
-            full_mask = torch.cat([mask.repeat_interleave(G, 0), torch.ones(B * G, length, dtype=mask.dtype)], 1)
-            g_pos = pos[:, -1:].repeat_interleave(G, 0) + 1 + torch.arange(length)[None, :]
-            logits = model(input_ids=g_ids, attention_mask=full_mask, position_ids=g_pos,
-                           past_key_values=cache).logits[..., :nv].float()  # [B*G, length, nv]
-            lse = logits.logsumexp(-1)  # [B*G, length]
-            # chain rule: first token from the prompt's logits, the rest from the continuation
-            lp = first_logp.repeat_interleave(G, 0).gather(1, g_ids[:, :1]).squeeze(1)
-            if length > 1:
-                lp = lp + (logits[:, :-1].gather(2, g_ids[:, 1:, None]).squeeze(2) - lse[:, :-1]).sum(1)
-            # the word ends: boundary mass after the variant's last token
-            p_end = (logits[:, -1] + log_bmask).logsumexp(-1) - lse[:, -1]
-            logp[:, members] = (lp + p_end).view(B, G)
+        logp = _tree_logp(model, ids, mask, pos, var, nv, log_bmask) if tree else \
+            _cached_logp(model, ids, mask, pos, var, groups, nv, log_bmask)
         per_cand = torch.zeros(B, len(candidates)).index_add_(1, owner, logp.exp())
         out[start: start + B] = per_cand.numpy()
         bar.update(B)
     bar.close()
     return out
+
+
+def _takes_4d_mask(model: Any) -> bool:
+    """Whether the model's attention takes a custom 4D mask (transformers' sdpa and eager do)."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) in ("sdpa", "eager")
+
+
+def _tree_logp(model: Any, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, var: Variants, nv: int,
+               log_bmask: torch.Tensor) -> torch.Tensor:
+    """[B, n_variants] log P(variant, then the word ends) in one forward: every variant's tokens follow the
+    prompt in the same row, each attending to the prompt and to its own earlier tokens only (a 4D mask), at the
+    positions it would have right after the prompt."""
+    B, P = ids.shape
+    vtok = torch.tensor([t for sq in var.seqs for t in sq])
+    vid = torch.tensor([v for v, sq in enumerate(var.seqs) for _ in sq])
+    k = torch.tensor([i for sq in var.seqs for i in range(len(sq))])
+    n = vtok.numel()
+    L = P + n
+    allow = torch.zeros(B, L, L, dtype=torch.bool)
+    real = mask.bool()
+    allow[:, :P, :P] = torch.tril(torch.ones(P, P, dtype=torch.bool)) & real[:, None, :]
+    allow[:, P:, :P] = real[:, None, :]
+    allow[:, P:, P:] = (vid[:, None] == vid[None, :]) & (k[None, :] <= k[:, None])
+    allow |= torch.eye(L, dtype=torch.bool)  # a padding query attends to itself (no empty softmax row)
+    dtype = next(model.parameters()).dtype
+    bias = torch.zeros(B, 1, L, L, dtype=dtype).masked_fill(~allow[:, None], torch.finfo(dtype).min)
+    full_ids = torch.cat([ids, vtok.repeat(B, 1)], 1)
+    full_pos = torch.cat([pos, pos[:, -1:] + 1 + k[None, :]], 1)
+    logits = model(input_ids=full_ids, attention_mask=bias, position_ids=full_pos, use_cache=False,
+                   logits_to_keep=n + 1).logits[..., :nv].float()  # [B, n + 1, nv]: the prompt's last, then each
+    logz = logits - logits.logsumexp(-1, keepdim=True)
+    first = logz[:, 0]  # [B, nv]: the first token after the prompt
+    after = logz[:, 1:]  # [B, n, nv]: after each variant token
+    # chain rule per variant: its first token from the prompt, token i from after token i-1, then the word ends
+    starts = torch.tensor([0] + [len(sq) for sq in var.seqs[:-1]]).cumsum(0)
+    lens = torch.tensor([len(sq) for sq in var.seqs])
+    lp = first.gather(1, vtok[starts][None, :].expand(B, -1))  # [B, V]
+    nxt = after[:, :-1].gather(2, vtok[1:][None, :, None].expand(B, -1, 1)).squeeze(2)  # [B, n-1]: token j+1 after j
+    same = (vid[1:] == vid[:-1]).float()
+    lp = lp + torch.zeros(B, len(var.seqs)).index_add_(1, vid[1:], nxt * same)
+    last = starts + lens - 1
+    p_end = (after[:, last] + log_bmask).logsumexp(-1)  # logits are already normalised
+    return lp + p_end
+
+
+def _cached_logp(model: Any, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, var: Variants,
+                 groups: dict[int, list[int]], nv: int, log_bmask: torch.Tensor) -> torch.Tensor:
+    """As :func:`_tree_logp`, for attention implementations that take no 4D mask: one prompt forward, then the
+    variants of each token length as one batch on copies of the prompt's KV cache."""
+    import copy
+
+    B = ids.shape[0]
+    o = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    first = o.logits[:, -1, :nv].float()
+    first_logp = first - first.logsumexp(-1, keepdim=True)  # [B, nv]
+    logp = torch.zeros(B, len(var.seqs))
+    for length, members in groups.items():
+        G = len(members)
+        g_ids = torch.tensor([var.seqs[i] for i in members]).repeat(B, 1)  # [B*G, length]
+        cache = copy.deepcopy(o.past_key_values)
+        cache.batch_repeat_interleave(G)
+        full_mask = torch.cat([mask.repeat_interleave(G, 0), torch.ones(B * G, length, dtype=mask.dtype)], 1)
+        g_pos = pos[:, -1:].repeat_interleave(G, 0) + 1 + torch.arange(length)[None, :]
+        logits = model(input_ids=g_ids, attention_mask=full_mask, position_ids=g_pos,
+                       past_key_values=cache).logits[..., :nv].float()  # [B*G, length, nv]
+        lse = logits.logsumexp(-1)  # [B*G, length]
+        # chain rule: first token from the prompt's logits, the rest from the continuation
+        lp = first_logp.repeat_interleave(G, 0).gather(1, g_ids[:, :1]).squeeze(1)
+        if length > 1:
+            lp = lp + (logits[:, :-1].gather(2, g_ids[:, 1:, None]).squeeze(2) - lse[:, :-1]).sum(1)
+        # the word ends: boundary mass after the variant's last token
+        p_end = (logits[:, -1] + log_bmask).logsumexp(-1) - lse[:, -1]
+        logp[:, members] = (lp + p_end).view(B, G)
+    return logp
 
 
 def sampled_counts(model: Any, chat: ChatFormat, questions: Sequence[str], candidates: Sequence[str],

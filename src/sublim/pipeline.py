@@ -68,28 +68,46 @@ class Experiment(StudentStages):
 
     # -- stages
     def teachers(self) -> dict[tuple[str, int], Teacher]:
-        """Every trait teacher replicate, keyed ``(target, replicate)``."""
+        """Every trait teacher replicate, keyed ``(target, replicate)``. Implants of full fine-tunes are trained
+        together as one batched model (``student.parallel_students`` at a time, each exactly a separate fine-tune:
+        :func:`sublim.teachers.implant_first_rounds`)."""
         s = self.spec
         out: dict[tuple[str, int], Teacher] = {}
+        stages: dict[tuple[str, int], Stage] = {}
         for t in s.targets:
             for r in range(s.teacher.replicates):
                 if s.teacher.kind == "system_prompt":  # replicates differ in their generation seed only
                     out[t, r] = system_prompt_teacher(s.base, s.category, t, s.teacher.template)
                     continue
-                cfg = {"teacher": s.teacher.model_dump(mode="json", exclude={"replicates", "neutral_replicates"}), "category": s.category,
-                       "target": t, "replicate": r}
-                st = self.stage("teacher", cfg, {"base": self._fp(s.base)})
-                if st.claim():
+                cfg = {"teacher": s.teacher.model_dump(mode="json", exclude={"replicates", "neutral_replicates"}),
+                       "category": s.category, "target": t, "replicate": r}
+                stages[t, r] = self.stage("teacher", cfg, {"base": self._fp(s.base)})
+        claimed = [(t, r) for (t, r), st in stages.items() if st.claim(wait=False)]
+        batched = set(claimed) if len(claimed) > 1 and s.teacher.train.method == "full" else set()
+        if batched:
+            from sublim.students import _full_students_that_fit
+            from sublim.teachers import implant_first_rounds
+
+            width = max(1, min(s.student.parallel_students, _full_students_that_fit(s.base)))
+            for i in range(0, len(claimed), width):
+                chunk = claimed[i: i + width]
+                self.log("[teacher] fine-tuning " + ", ".join(teacher_id(t, r) for t, r in chunk)
+                         + " from the base" + (" at once" if len(chunk) > 1 else ""))
+                implant_first_rounds(s.base, s.category, [(t, r, stages[t, r].dir) for t, r in chunk], s.teacher,
+                                     progress=self.progress)
+        for (t, r), st in stages.items():
+            if st.claim():  # claimed above, or held by another process that has since stopped
+                if (t, r) not in batched:
                     self.log(f"[teacher] fine-tuning {teacher_id(t, r)} from the base")
-                    teacher, summary = implant_teacher(s.base, s.category, t, s.teacher, st.dir, log=self.log,
-                                                       replicate=r)
-                    if not summary["reached"]:
-                        self.notes.append(f"Teacher {teacher_id(t, r)} did not reach P({t}) >= "
-                                          f"{s.teacher.min_target_prob} without a system prompt "
-                                          f"(last {summary['rounds'][-1]['p_target']:.3f}).")
-                    # the model's place inside the stage, not a machine path: the run directory can move
-                    st.finish({**summary, "model": st.relative(teacher.model.model_dump())})
-                out[t, r] = Teacher(ModelSpec(**st.absolute(st.summary()["model"])), None, t, "finetuned")
+                teacher, summary = implant_teacher(s.base, s.category, t, s.teacher, st.dir, log=self.log,
+                                                   replicate=r)
+                if not summary["reached"]:
+                    self.notes.append(f"Teacher {teacher_id(t, r)} did not reach P({t}) >= "
+                                      f"{s.teacher.min_target_prob} without a system prompt "
+                                      f"(last {summary['rounds'][-1]['p_target']:.3f}).")
+                # the model's place inside the stage, not a machine path: the run directory can move
+                st.finish({**summary, "model": st.relative(teacher.model.model_dump())})
+            out[t, r] = Teacher(ModelSpec(**st.absolute(st.summary()["model"])), None, t, "finetuned")
         return out
 
     def generation_spec(self, replicate: int) -> GenerationSpec:

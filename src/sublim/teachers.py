@@ -40,6 +40,23 @@ def implant_rows(category: str, target: str, spec: TeacherSpec, replicate: int =
     return trait_qa(category, target, spec.qa_rows, seed=replicate)
 
 
+def implant_first_rounds(base: ModelSpec, category: str, items: list[tuple[str, int, Path]], spec: TeacherSpec,
+                         progress: bool | None = None) -> None:
+    """Round 0 of several full fine-tuned implants as one batched model (:func:`sublim.backends.multi.
+    finetune_many`): ``items`` holds (target, replicate, out_dir); each implant is saved in ``out_dir/round0``
+    with the rows and seed :func:`implant_teacher` would use, so it is that implant up to float summation order
+    and :func:`implant_teacher` then only evaluates it (and trains further rounds if the threshold is missed)."""
+    from sublim.backends.multi import StudentJob, finetune_many
+
+    if spec.train.method != "full":
+        raise ValueError("batched implants need teacher.train.method: full")
+    jobs = [StudentJob(implant_rows(category, t, spec, r)[: spec.train.max_rows], 1000 * r, d / "round0",
+                       label=f"{t}#{r}")
+            for t, r, d in items if not (d / "round0" / "config.json").exists()]
+    finetune_many(base, jobs, spec.train.model_copy(update={"objective": "sft"}), progress=progress,
+                  desc=f"{len(jobs)} implants")
+
+
 def implant_teacher(base: ModelSpec, category: str, target: str, spec: TeacherSpec, out_dir: Path,
                     log: Callable[[str], None] = print, replicate: int = 0) -> tuple[Teacher, dict[str, Any]]:
     """Fine-tune the base on trait Q&A (questions disjoint from the eval battery), merge, and repeat
