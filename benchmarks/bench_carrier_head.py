@@ -79,7 +79,11 @@ def main() -> None:
             secs = _train(arm, s, a.steps, a.batch_size, rows, tmp)
             res.setdefault(arm, {})[str(s)] = secs
             print(f"{arm:8s} {s:3d} students: {secs:7.1f} s, {secs / a.steps / s:.4f} s per student-step", flush=True)
-    if a.baseline_rev and not a.rows_file:
+    if a.rows_file:  # the baseline's subprocess: its timings only (its sublim may predate the machine helpers)
+        if a.json:
+            a.json.write_text(json.dumps({"seconds": res}) + "\n")
+        return
+    if a.baseline_rev:
         wt = tmp / "baseline"
         subprocess.run(["git", "-C", str(HERE.parents[1]), "worktree", "add", "--detach", str(wt), a.baseline_rev],
                        check=True, capture_output=True)
@@ -97,27 +101,20 @@ def main() -> None:
             res[a.baseline_rev] = json.loads((tmp / "base.json").read_text())["seconds"][a.baseline_arm]
         finally:
             subprocess.run(["git", "-C", str(HERE.parents[1]), "worktree", "remove", "--force", str(wt)], check=False)
+    from sublim.runs import cpu_features, cpu_model
+
     ref = a.baseline_rev if a.baseline_rev in res else "full" if "full" in res else next(iter(res))
     out = {
         "seconds": res,
         "speedup_vs_" + ref: {arm: {k: res[ref][k] / v for k, v in d.items()} for arm, d in res.items()},
         "seconds_per_student_step": {arm: {k: v / a.steps / int(k) for k, v in d.items()} for arm, d in res.items()},
         "steps": a.steps, "batch_size": a.batch_size, "rows": len(rows), "threads": a.threads,
-        "machine": platform.processor() or platform.machine(), "cpu": _cpu(), "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(), "cpu": cpu_model(), "cpu_features": cpu_features(),
+        "torch": torch.__version__,
     }
     print(json.dumps(out, indent=1))
     if a.json:
         a.json.write_text(json.dumps(out, indent=1) + "\n")
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import sys
 import time
 from typing import Any
@@ -37,19 +36,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from sublim.runs import cpu_features, cpu_model
 from sublim.toy import mnist as M
 from sublim.toy.mnist_data import load_digits
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
@@ -181,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
         "machine": {
             "nproc": os.cpu_count(),
-            "cpu": _cpu_model(),
+            "cpu": cpu_model(), "cpu_features": cpu_features(),
             "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(),
             "loadavg_start": os.getloadavg(),

@@ -22,19 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sublim.runs import cpu_features, cpu_model
+
 
 def machine() -> dict:
-    cpu = ""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
+        "cpu_features": cpu_features(),
         "nproc": os.cpu_count(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

@@ -137,8 +137,35 @@ def git_revision(start: str | Path | None = None) -> str | None:
 _PACKAGES = ("sublim", "torch", "transformers", "peft", "tokenizers", "numpy", "scipy", "pydantic", "datasets")
 
 
+# the CPU features float results and bf16 speed depend on (docs/results/organism.md, "Robust to the machine")
+_CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (``platform.processor()`` elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_features() -> list[str]:
+    """Which of :data:`_CPU_FEATURES` the CPU has (Linux /proc/cpuinfo flags; empty elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in _CPU_FEATURES if f in have]
+    except OSError:
+        pass
+    return []
+
+
 def environment() -> dict[str, Any]:
-    """Package versions, python, platform and git revision, written beside every result."""
+    """Package versions, python, platform, CPU and git revision, written beside every result."""
     versions: dict[str, str | None] = {}
     for name in _PACKAGES:
         try:
@@ -149,6 +176,8 @@ def environment() -> dict[str, Any]:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "machine": platform.machine(),
+        "cpu": cpu_model(),
+        "cpu_features": cpu_features(),
         "cpu_count": os.cpu_count(),
         "packages": versions,
         "git_revision": git_revision(),
