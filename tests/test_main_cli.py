@@ -236,6 +236,7 @@ def test_demo_specs_are_valid_and_the_organism_is_the_default() -> None:
     assert DEMO_SPEC == DEMO_SPECS["organism"]
     org = load_spec(demo_spec_path())
     assert org.base.path == "organism" and len(org.seeds) >= 5 and org.in_context
+    assert org.other_base is not None and org.other_base.path == "organism-b"  # the paper's different-base control
     assert len(org.targets) >= 3 and org.teacher.replicates * len(org.targets) >= 3  # >= 3 teachers
     assert org.student.objective == "distill_carrier" and org.teacher.kind == "finetuned"
     assert load_spec(demo_spec_path("smollm2")).base.path == "smollm2"

@@ -243,8 +243,8 @@ def test_shipped_organisms_are_the_default_configs() -> None:
 
 def test_demo_recipe_runs_end_to_end_on_reduced_organisms(tiny_dir: Path, tmp_path: Path) -> None:
     """The demo's spec (one implanted teacher per animal, no neutral teachers, carrier distillation, batched
-    full students, in-context control, report) on reduced organisms, with the other family added as the demo's
-    comment says: every arm is trained, evaluated and analysed as a confusion design."""
+    full students, in-context control, other-family control, report) on reduced organisms: every arm is
+    trained, evaluated and analysed as a confusion design."""
     from sublim.demo import demo_spec_path
     from sublim.pipeline import run
     from sublim.spec import load_spec
