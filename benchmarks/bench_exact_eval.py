@@ -64,7 +64,7 @@ def main() -> None:
     res: dict[str, Any] = {}
     for name, questions in workloads.items():
         def run(tree: bool, questions: list[str] = questions) -> np.ndarray:
-            ev._takes_4d_mask = (lambda m: real(m)) if tree else (lambda m: False)  # type: ignore[assignment]
+            ev._takes_4d_mask = real if tree else (lambda m: False)  # type: ignore[assignment]
             try:
                 return ev.exact_probs(model, chat, questions, list(cat.candidates), cat.plurals,
                                       batch_size=args.batch_size, progress=False)

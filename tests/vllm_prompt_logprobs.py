@@ -3,7 +3,8 @@ JSON, the log-probability vLLM's prompt logprobs give each token of each token-i
 
     echo '{"model": DIR, "dtype": "float32", "seqs": [[1, 2, 3], ...]}' | python tests/vllm_prompt_logprobs.py
 
-Only vLLM's public API: ``LLM``, ``SamplingParams(prompt_logprobs=...)``, ``TokensPrompt``.
+vLLM's public API (``LLM``, ``SamplingParams(prompt_logprobs=...)``, ``TokensPrompt``), plus the engine's
+``model_config`` for the dtype and head size it actually loaded.
 """
 from __future__ import annotations
 
