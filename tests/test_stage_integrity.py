@@ -89,3 +89,51 @@ def test_markers_record_every_file_and_old_empty_markers_are_trusted(tmp_path: P
     (st.dir / DONE).write_text("")  # a marker written before markers held hashes
     (st.dir / "out.txt").write_text("changed")
     assert Stage(tmp_path, "x", {"a": 1}).done
+
+
+def _dead_pid() -> int:
+    import os
+    import subprocess
+    import sys
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    assert p.pid != os.getpid()
+    return p.pid
+
+
+def test_a_killed_writers_temp_file_is_not_listed_by_the_marker(tmp_path: Path) -> None:
+    """CI's kill campaign found it: a SIGKILL between a marker's temp write and its rename left
+    ``._DONE.<host>-<pid>.XXXXXXXX.tmp`` in the stage; the rerun listed that file in the new marker, and the
+    marker's own atomic write then swept it, so the finished stage read as damaged and was recomputed."""
+    import platform
+    host = platform.node() or "host"
+    pid = _dead_pid()
+    st = Stage(tmp_path, "student", {"a": 1})
+    assert st.claim()
+    (st.dir / "rows.jsonl").write_text('{"x": 1}\n')
+    (st.dir / f".{DONE}.{host}-{pid}.abcd1234.tmp").write_text("{")  # the killed writer's marker
+    (st.dir / "model").mkdir()
+    (st.dir / "model" / f".w.safetensors.{host}-{pid}.efgh5678.tmp").write_bytes(b"half")
+    (st.dir / f".model2.{host}-{pid}.ijkl9012").mkdir()  # a killed atomic_dir
+    (st.dir / f".model2.{host}-{pid}.ijkl9012" / "w.bin").write_bytes(b"half")
+    st.finish({"n": 1})
+    listed = json.loads((st.dir / DONE).read_text())["files"]
+    assert sorted(listed) == ["rows.jsonl", "stage.json", "summary.json"]
+    assert sorted(p.name for p in st.dir.rglob("*")) == sorted(
+        [DONE, "model", "rows.jsonl", "stage.json", "summary.json"])  # the leftovers are gone
+    assert Stage(tmp_path, "student", {"a": 1}).done
+
+
+def test_a_marker_that_lists_a_temp_file_still_verifies(tmp_path: Path) -> None:
+    """Markers written before temp files were left out may list one that is gone since: never content."""
+    st = Stage(tmp_path, "student", {"a": 1})
+    assert st.claim()
+    (st.dir / "rows.jsonl").write_text('{"x": 1}\n')
+    st.finish()
+    marker = json.loads((st.dir / DONE).read_text())
+    marker["files"][f".{DONE}.somehost-12345.abcd1234.tmp"] = [3, "0" * 64]
+    (st.dir / DONE).write_text(json.dumps(marker))
+    assert Stage(tmp_path, "student", {"a": 1}).done
+    marker["files"]["rows.jsonl"][0] += 1  # a real file's damage is still caught
+    (st.dir / DONE).write_text(json.dumps(marker))
+    assert not Stage(tmp_path, "student", {"a": 1}).done

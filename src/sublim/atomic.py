@@ -10,13 +10,24 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_dir", "atomic_file", "atomic_write_bytes", "atomic_write_json", "atomic_write_text"]
+__all__ = ["atomic_dir", "atomic_file", "atomic_write_bytes", "atomic_write_json", "atomic_write_text",
+           "is_temp_name", "sweep_leftovers_under"]
+
+# what mkstemp/mkdtemp make of the prefixes below: ``.<name>.<host>-<pid>.[old.]XXXXXXXX[.tmp]``
+_TEMP_NAME = re.compile(r"^\..+-\d+\.(?:old\.)?[a-z0-9_]{8}(?:\.tmp)?$")
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether a file or directory name is one of this module's temp names (any host's, live or dead): what a
+    listing of finished content must leave out."""
+    return bool(_TEMP_NAME.match(name))
 
 
 def _umask() -> int:
@@ -72,6 +83,31 @@ def _sweep_leftovers(path: Path) -> None:
                 os.unlink(e.path)
         except OSError:
             pass
+
+
+def sweep_leftovers_under(root: str | Path) -> None:
+    """Remove, anywhere under ``root``, the temp files and directories of this host's writers that are no
+    longer alive (as :func:`_sweep_leftovers` does beside one path): for a directory about to be listed as
+    finished."""
+    import shutil
+
+    host = platform.node() or "host"
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            if not is_temp_name(name):
+                continue
+            m = re.match(rf"^\..+\.{re.escape(host)}-(\d+)\.", name)
+            if m is None or int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
+                continue
+            p = os.path.join(dirpath, name)
+            try:
+                if name in dirnames:
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    os.unlink(p)
+            except OSError:
+                pass
+        dirnames[:] = [d for d in dirnames if os.path.isdir(os.path.join(dirpath, d))]
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

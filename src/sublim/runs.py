@@ -25,6 +25,8 @@ from sublim.atomic import (  # noqa: F401  (the run directory's writes; imported
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
+    is_temp_name,
+    sweep_leftovers_under,
 )
 
 DONE = "_DONE"
@@ -270,6 +272,7 @@ class Stage:
     def finish(self, summary: dict[str, Any] | None = None) -> None:
         if summary is not None:
             atomic_write_json(self.dir / "summary.json", summary)
+        sweep_leftovers_under(self.dir)  # a killed writer's temp file must not be listed, then swept by the write
         atomic_write_json(self.dir / DONE, {"files": _file_hashes(self.dir)})
         self.release()
 
@@ -300,13 +303,18 @@ class StageCorrupt(RuntimeError):
 
 
 def _file_hashes(d: Path) -> dict[str, list[Any]]:
-    """{relative path: [size, sha256]} of every file under a stage directory but its marker."""
+    """{relative path: [size, sha256]} of every file under a stage directory but its marker and atomic writes'
+    temp files (content only once renamed into place)."""
     out: dict[str, list[Any]] = {}
     for f in sorted(d.rglob("*")):
-        if f.is_file() and f.name != DONE:
+        if f.is_file() and f.name != DONE and not _is_temp(f.relative_to(d).as_posix()):
             st = f.stat()
             out[f.relative_to(d).as_posix()] = [st.st_size, _sha256_cached(str(f), st.st_size, st.st_mtime_ns)]
     return out
+
+
+def _is_temp(rel: str) -> bool:
+    return any(is_temp_name(part) for part in rel.split("/"))
 
 
 def _check_files(d: Path, marker: Path) -> str | None:
@@ -320,6 +328,8 @@ def _check_files(d: Path, marker: Path) -> str | None:
     except (ValueError, KeyError, TypeError):
         return f"its {DONE} marker is unreadable"
     for rel, (size, digest) in files.items():
+        if _is_temp(rel):  # listed by markers written before temp files were left out; never content
+            continue
         f = d / rel
         if not f.is_file():
             return f"{rel} is missing"
