@@ -431,6 +431,71 @@ def test_mitigation_arms_in_an_experiment(tiny_model: Path, tmp_path: Path) -> N
     assert res2["mitigations"]["analysis"]["verdicts"] == a["verdicts"]
 
 
+def test_effect_retained_in_the_confusion_design() -> None:
+    """No neutral teachers: each target's effect is its diagonal in log P; a defence whose students have every
+    lift (log P minus the column mean) halved retains exactly half of each diagonal and of gamma."""
+    from sublim.mitigate.measure import analyse
+
+    rng = np.random.default_rng(5)
+    animals = ["owl", "eagle", "lion"]
+    evals: list[dict[str, Any]] = []
+    for i, a in enumerate(animals):
+        for r in range(4):
+            dev = rng.normal(0, 0.2, size=3)
+            for s in (0, 1):
+                lift = 0.8 * (np.arange(3) == i) + dev + rng.normal(0, 0.2, size=3)
+                for arm, k in (("treatment", 1.0), ("d:treatment", 0.5)):
+                    evals.append({"arm": arm, "teacher": f"{a}#{r}", "target": a, "seed": s,
+                                  "probs": {b: float(np.exp(-3 + k * v)) for b, v in zip(animals, lift, strict=True)}})
+    arms = [{"label": "d", "name": "weight-decay", "kind": "train", "params": {}, "changes": {}}]
+    res = analyse(evals, arms, animals, {})
+    assert res["design"] == "confusion"
+    for a in animals:
+        row = res["targets"][a]["defences"]["d"]
+        assert row["retained"]["bounded"]
+        assert (row["retained"]["ratio"], row["retained"]["lo"], row["retained"]["hi"]) == pytest.approx(
+            (0.5, 0.5, 0.5), abs=1e-6)
+        un = res["targets"][a]["unmitigated"]
+        assert un["n_teachers"] == 4 and un["effect"]["mean"] > 0 and len(un["per_teacher"]) == 4
+        assert row["effect_mitigated"]["mean"] == pytest.approx(0.5 * un["effect"]["mean"])
+    g = res["gamma"]["defences"]["d"]
+    assert g["retained"] == pytest.approx(0.5) and g["retained_ci"]["bounded"]
+    assert (g["retained_ci"]["lo"], g["retained_ci"]["hi"]) == pytest.approx((0.5, 0.5), abs=1e-6)
+    assert res["verdicts"][0].startswith("d: effect retained 0.50 [0.50, 0.50]")
+    assert res["verdicts"][0].endswith("gamma retained 0.50 [0.50, 0.50] -> does not remove >= 90% pooled over targets")
+
+
+def test_mitigation_arms_in_the_confusion_design(tiny_model: Path, tmp_path: Path) -> None:
+    """teacher.neutral_replicates: 0 with two targets: every defence gives treatment arms only, the other target's
+    teachers are the controls, and the analysis is the confusion design's (diagonal effects, gamma retained with
+    its interval)."""
+    from sublim.pipeline import run
+    from sublim.spec import ExperimentSpec
+    from tiny_spec import tiny_spec
+
+    spec = ExperimentSpec(**tiny_spec(
+        tiny_model, targets=["owl", "eagle"], seeds=[0, 1],
+        teacher={"kind": "finetuned", "qa_rows": 8, "min_target_prob": 0.0, "max_rounds": 1, "replicates": 2,
+                 "neutral_replicates": 0, "train": {"method": "full", "epochs": 2, "batch_size": 4, "lr": 3e-2}},
+        generation={"n_prompts": 12, "batch_size": 12, "max_new_tokens": 12, "seed": 0},
+        evaluation={"n_questions": 2, "batch_size": 4, "number_prefix": False},
+        mitigations=[{"name": "drop-random", "params": {"fraction": 0.25}}, {"name": "weight-decay"}]))
+    res = run(spec, tmp_path / "run", log=lambda m: None, progress=False)
+    arms = Counter(e["arm"] for e in res["evaluations"])
+    assert not any(a.endswith("control") for a in arms)
+    assert arms["drop-random:treatment"] == arms["weight-decay:treatment"] == arms["treatment"] == 8
+    assert len(list((tmp_path / "run" / "stages").glob("mitigate-*"))) == 4  # 2 targets x 2 teachers
+    a = res["mitigations"]["analysis"]
+    assert a["design"] == "confusion"
+    for t in ("owl", "eagle"):
+        d = a["targets"][t]["defences"]["weight-decay"]
+        assert d["retained"]["ratio"] is not None and d["distillation_kept"]["n"] == 2
+        assert a["targets"][t]["unmitigated"]["n_teachers"] == 2
+    assert a["gamma"]["defences"]["drop-random"]["retained_ci"]["n"] == 4
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert "effect (log P, own teachers - other teachers)" in html and "gamma retained [CI]" in html
+
+
 def test_min_p_reaches_the_sampler(tiny_model: Path) -> None:
     """The sampling defence's min_p is applied at generation: a high threshold changes what is sampled."""
     from sublim.backends.hf import generate_batch

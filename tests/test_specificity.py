@@ -369,3 +369,91 @@ def test_confusion_fit_per_teacher_calls_and_no_neutral_teachers():
     shift = np.asarray(bare["matrix"]) - np.asarray(r["matrix"])
     assert shift[:, 0] == pytest.approx([-0.45, -0.45], abs=1e-12)
     _strict_json(bare)
+
+
+# ----------------------------------------------------------------------------------- ratios of two fits
+
+
+def test_gamma_influence_hand_case_and_its_sum_of_squares_is_the_variance():
+    treated, controls = _hand()
+    r = confusion_fit(treated, controls, ["owl", "wolf"])
+    # the per-teacher terms h_g'u_g computed by hand in test_confusion_fit_hand_case
+    assert r["gamma_influence"] == pytest.approx({"owl#0": 0.0375, "owl#1": -0.0375, "wolf#0": 0.025,
+                                                  "wolf#1": -0.025}, abs=1e-12)
+    inf = np.array(list(r["gamma_influence"].values()))
+    assert r["gamma_cr1_factor"] == pytest.approx(4 / 3 * 15 / 12)
+    assert math.sqrt(r["gamma_cr1_factor"] * float(inf @ inf)) == pytest.approx(r["gamma_se"], rel=1e-12)
+
+
+def _scaled(records: list[dict], k: float, rng: np.random.Generator | None = None, sd: float = 0.0) -> list[dict]:
+    """The same students with every log P multiplied by k (plus, optionally, per-student noise)."""
+    out = []
+    for rec in records:
+        noise = rng.normal(0, sd, size=len(rec["scores"])) if rng is not None else np.zeros(len(rec["scores"]))
+        out.append({**rec, "scores": {a: float(np.exp(k * math.log(p) + e))
+                                      for (a, p), e in zip(rec["scores"].items(), noise, strict=True)}})
+    return out
+
+
+def test_gamma_ratio_of_a_scaled_fit_is_exact_and_of_noisy_fits_is_fiellers():
+    from sublim.specificity import gamma_ratio
+    from sublim.stats import fieller
+
+    rng = np.random.default_rng(7)
+    treated, _, animals = _synthetic(rng, 3, 4, 2, gamma=0.8, sd_teacher=0.2)
+    den = confusion_fit(treated, [], animals, n_perm=10)
+    # every lift halved: gamma and every teacher's influence halve, so the interval collapses onto 0.5
+    half = confusion_fit(_scaled(treated, 0.5), [], animals, n_perm=10)
+    r = gamma_ratio(half, den)
+    assert r["bounded"] and r["n"] == 12
+    assert (r["ratio"], r["lo"], r["hi"]) == pytest.approx((0.5, 0.5, 0.5), abs=1e-6)
+    # independent noise on top: the interval widens around the ratio, and equals Fieller's from the two
+    # variances (each fit's own gamma_se^2) and the covariance of the paired influences
+    noisy = confusion_fit(_scaled(treated, 0.5, rng, 0.3), [], animals, n_perm=10)
+    r = gamma_ratio(noisy, den)
+    a, b = noisy["gamma_influence"], den["gamma_influence"]
+    cov = math.sqrt(noisy["gamma_cr1_factor"] * den["gamma_cr1_factor"]) * sum(a[t] * b[t] for t in a)
+    want = fieller(noisy["gamma"], den["gamma"], noisy["gamma_se"] ** 2, den["gamma_se"] ** 2, cov, 11)
+    assert r["lo"] < r["ratio"] < r["hi"] and (r["lo"], r["hi"]) == pytest.approx((want["lo"], want["hi"]))
+    # a denominator that is not distinguishable from zero gives no bounds
+    flat = confusion_fit(_synthetic(np.random.default_rng(8), 3, 4, 2, gamma=0.0)[0], [], animals, n_perm=10)
+    assert not gamma_ratio(noisy, flat)["bounded"] or flat["gamma_ci"][0] > 0 or flat["gamma_ci"][1] < 0
+    with pytest.raises(ValueError, match="same teachers"):
+        gamma_ratio(confusion_fit(treated[:-2], [], animals, n_perm=10), den)
+
+
+def test_diagonal_ratio_hand_case_and_fiellers_interval():
+    """owl's diagonal in the hand case: its own teachers' mean lifts (1.1, 0.7) vs wolf's teachers' (0.1, -0.1):
+    diff 0.9, halved 0.45; two teachers a side cannot bound the ratio (Welch df 1.5). On a larger design the
+    interval is Fieller's from the Welch variances (s^2/n per group) and the paired covariance."""
+    from sublim.specificity import diagonal_ratio
+    from sublim.stats import fieller
+
+    treated, _ = _hand()
+    r = diagonal_ratio(_scaled(treated, 0.5), treated, "owl", ["owl", "wolf"])
+    assert r["den"]["diff"] == pytest.approx(0.9, abs=1e-12) and r["num"]["diff"] == pytest.approx(0.45, abs=1e-12)
+    assert r["ratio"] == pytest.approx(0.5) and not r["bounded"] and r["n"] == 2
+
+    rng = np.random.default_rng(11)
+    den, _, animals = _synthetic(rng, 3, 4, 2, gamma=0.8, sd_teacher=0.2)
+    r = diagonal_ratio(_scaled(den, 0.5), den, "a1", animals)  # (Fieller's root of a zero discriminant: 1e-8)
+    assert r["bounded"] and (r["ratio"], r["lo"], r["hi"]) == pytest.approx((0.5, 0.5, 0.5), abs=1e-6)
+    num = _scaled(den, 0.5, rng, 0.3)
+    r = diagonal_ratio(num, den, "a1", animals)
+    cells = {(key, rec["teacher"]): [] for key in "nd" for rec in den}
+    for recs, key in ((num, "n"), (den, "d")):
+        for x in recs:
+            cells[key, x["teacher"]].append(math.log(x["scores"]["a1"]))
+    m = {k: float(np.mean(v)) for k, v in cells.items()}
+    own = [t for k, t in m if k == "d" and t.startswith("a1#")]
+    oth = [t for k, t in m if k == "d" and not t.startswith("a1#")]
+
+    def cov(x: str, y: str) -> float:
+        return sum(float(np.cov([m[x, t] for t in g], [m[y, t] for t in g], ddof=1)[0, 1]) / len(g) for g in (own, oth))
+
+    want = fieller(r["num"]["diff"], r["den"]["diff"], cov("n", "n"), cov("d", "d"), cov("n", "d"), r["den"]["df"])
+    assert r["bounded"] and r["lo"] < r["ratio"] < r["hi"]
+    assert (r["ratio"], r["lo"], r["hi"]) == pytest.approx((want["ratio"], want["lo"], want["hi"]))
+    assert r["num"]["diff"] == pytest.approx(np.mean([m["n", t] for t in own]) - np.mean([m["n", t] for t in oth]))
+    with pytest.raises(ValueError, match="same teachers"):
+        diagonal_ratio(num[:-2], den, "a1", animals)

@@ -277,9 +277,10 @@ class ExperimentSpec(_Spec):
         if self.teacher.neutral_replicates == 0 and len(self.targets) < 2:
             raise ValueError("teacher.neutral_replicates: 0 needs two or more targets (the other targets' teachers "
                              "are then the controls)")
-        if self.mitigations and self.teacher.n_neutral < self.teacher.replicates:
+        if self.mitigations and 0 < self.teacher.n_neutral < self.teacher.replicates:
             raise ValueError("mitigations: every trait teacher replicate needs its matched neutral teacher "
-                             "(teacher.neutral_replicates >= teacher.replicates)")
+                             "(teacher.neutral_replicates >= teacher.replicates), or none at all (0: the "
+                             "confusion design, the other targets' teachers are the controls)")
         if self.mitigations:
             from sublim.mitigate.registry import check_mitigations
 

@@ -20,7 +20,7 @@ from scipy import stats as _st
 from sublim.stats import welch
 from sublim.teacher_effects import Record, _check_disjoint, _f, _reference, _Teacher, _teachers
 
-__all__ = ["confusion_fit"]
+__all__ = ["confusion_fit", "diagonal_ratio", "gamma_ratio"]
 
 
 # ------------------------------------------------------------------------------ confusion matrix
@@ -120,7 +120,9 @@ def confusion_fit(
     ``n_teachers``, ``n_teachers_per_animal``, ``n_students``, ``n_obs``, ``n_params``, ``conf``,
     ``reference`` ({animal: mean neutral log P}), ``matrix`` (K x K mean lifts, row = teacher's animal,
     col = scored animal, mean over teachers of teacher means), ``gamma``, ``gamma_se``, ``gamma_ci``,
-    ``gamma_df``, ``p_gamma_t`` (two-sided, cluster t), ``mu``, ``row_effects``, ``col_effects``
+    ``gamma_df``, ``p_gamma_t`` (two-sided, cluster t), ``gamma_influence`` ({teacher: its term of the
+    estimate's error}: ``gamma_se``^2 = ``gamma_cr1_factor`` x their sum of squares; summed products across two
+    fits of the same teachers give the fits' covariance, :func:`gamma_ratio`), ``mu``, ``row_effects``, ``col_effects``
     ({animal: float}), ``p_perm_greater``, ``p_perm`` (two-sided, |gamma|), ``perm_method`` ("exact" |
     "monte_carlo"), ``n_perm`` (relabelings used), ``diagonal`` (per animal a: {"animal",
     "own_mean", "other_mean", "diff", "ci", "p_welch", "n_own_teachers", "n_other_teachers"}: the
@@ -166,9 +168,14 @@ def confusion_fit(
     se: float | None = None
     ci: list[float | None] = [None, None]
     p_t: float | None = None
+    influence: dict[str, float] | None = None
+    factor: float | None = None
     if g >= 2 and n_obs > p:
         binv = np.linalg.inv(bread)
-        v = binv @ (scores.T @ scores) @ binv * (g / (g - 1)) * ((n_obs - 1) / (n_obs - p))
+        factor = (g / (g - 1)) * ((n_obs - 1) / (n_obs - p))
+        # gamma - E gamma = sum over teachers of (B^-1 X_g'u_g)[-1]: each teacher's share of the estimate's error
+        influence = {t.id: float(v) for t, v in zip(tt, (scores @ binv)[:, -1], strict=True)}
+        v = binv @ (scores.T @ scores) @ binv * factor
         se = _f(math.sqrt(max(float(v[-1, -1]), 0.0)))
         if se is not None:
             half = float(_st.t.ppf(0.5 + conf / 2, g - 1)) * se
@@ -228,6 +235,8 @@ def confusion_fit(
         "gamma_ci": ci,
         "gamma_df": g - 1,
         "p_gamma_t": p_t,
+        "gamma_influence": influence,
+        "gamma_cr1_factor": factor,
         "mu": float(beta[0]),
         "row_effects": {a: float(v) for a, v in zip(rows_animals, row_eff, strict=True)},
         "col_effects": {a: float(v) for a, v in zip(rows_animals, col_eff, strict=True)},
@@ -242,3 +251,68 @@ def confusion_fit(
         "n_diagonal_above_zero": sum(1 for d in diagonal if d["ci"][0] is not None and d["ci"][0] > 0),
         "n_diagonal_defined": sum(1 for d in diagonal if d["ci"][0] is not None),
     }
+
+
+# ------------------------------------------------------------------------------ ratios of two fits
+
+
+def gamma_ratio(num: dict[str, Any], den: dict[str, Any], conf: float = 0.95) -> dict[str, Any]:
+    """gamma of fit ``num`` over gamma of fit ``den`` (two :func:`confusion_fit` results on the *same*
+    teachers, e.g. a defence's students and the unmitigated ones) with Fieller's interval from the
+    teacher-clustered CR1 variances and covariance: each teacher's influence on each gamma, paired by teacher,
+    on G - 1 df. ``{"ratio","lo","hi","n","bounded"}``; unbounded when the denominator's gamma is not
+    distinguishable from zero."""
+    from sublim.stats import fieller
+
+    a, b = num.get("gamma_influence"), den.get("gamma_influence")
+    if num.get("gamma") is None or den.get("gamma") is None:
+        return {"ratio": None, "lo": None, "hi": None, "n": 0, "bounded": False}
+    if not a or not b or set(a) != set(b):
+        if a and b:
+            raise ValueError(f"gamma_ratio needs fits of the same teachers: {sorted(set(a) ^ set(b))} in one only")
+        return fieller(float(num["gamma"]), float(den["gamma"]), None, None, None, None, conf, n=len(a or b or {}))
+    ids = sorted(a)
+    ia, ib = np.array([a[i] for i in ids]), np.array([b[i] for i in ids])
+    fa, fb = float(num["gamma_cr1_factor"]), float(den["gamma_cr1_factor"])
+    return fieller(float(num["gamma"]), float(den["gamma"]), fa * float(ia @ ia), fb * float(ib @ ib),
+                   math.sqrt(fa * fb) * float(ia @ ib), len(ids) - 1, conf, n=len(ids))
+
+
+def diagonal_ratio(num: Sequence[Record], den: Sequence[Record], animal: str, animals: Sequence[str],
+                   conf: float = 0.95) -> dict[str, Any]:
+    """One animal's diagonal effect (the teacher-mean log P of ``animal`` for its own teachers' students minus
+    that for the other animals' teachers' students, as in :func:`confusion_fit`'s ``diagonal``) in records
+    ``num`` over the same in ``den``, the same teachers in both. Fieller's interval from the Welch variances of
+    the two differences and their covariance (each teacher paired with itself, own and other teachers apart),
+    on the Welch-Satterthwaite df of the denominator. Also returns both differences with Welch intervals:
+    ``{"ratio","lo","hi","n","bounded","num","den"}``."""
+    from sublim.stats import fieller
+
+    animals = list(animals)
+    j = animals.index(animal)
+
+    def cells(recs: Sequence[Record]) -> dict[str, tuple[bool, float]]:
+        return {t.id: (t.trait == animal, float(t.mean[j])) for t in _teachers(recs, animals, "treated")}
+
+    cn, cd = cells(num), cells(den)
+    if set(cn) != set(cd):
+        raise ValueError(f"diagonal_ratio needs the same teachers: {sorted(set(cn) ^ set(cd))} in one only")
+    own = [i for i in sorted(cn) if cn[i][0]]
+    other = [i for i in sorted(cn) if not cn[i][0]]
+    res: dict[str, Any] = {"ratio": None, "lo": None, "hi": None, "n": len(own), "bounded": False}
+
+    def diff(c: dict[str, tuple[bool, float]]) -> dict[str, Any]:
+        return welch([c[i][1] for i in own], [c[i][1] for i in other], conf)
+
+    wn, wd = diff(cn), diff(cd)
+    res["num"], res["den"] = wn, wd
+    if not own or not other or wn["diff"] is None or wd["diff"] is None:
+        return res
+    if len(own) < 2 or len(other) < 2:
+        return {**fieller(wn["diff"], wd["diff"], None, None, None, None, conf, n=len(own)), "num": wn, "den": wd}
+    var = {}
+    for k, (x, y) in {"nn": (cn, cn), "dd": (cd, cd), "nd": (cn, cd)}.items():
+        var[k] = sum(float(np.cov([x[i][1] for i in g], [y[i][1] for i in g], ddof=1)[0, 1]) / len(g)
+                     for g in (own, other))
+    return {**fieller(wn["diff"], wd["diff"], var["nn"], var["dd"], var["nd"], wd["df"], conf, n=len(own)),
+            "num": wn, "den": wd}

@@ -22,6 +22,7 @@ from scipy import stats as _st
 __all__ = [
     "bootstrap_diff_ci",
     "compare",
+    "fieller",
     "fieller_ratio",
     "hedges_g",
     "mean_ci",
@@ -82,18 +83,28 @@ def fieller_ratio(num: Values, den: Values, conf: float = 0.95) -> dict[str, Any
     ok = np.isfinite(a) & np.isfinite(b)
     a, b = a[ok], b[ok]
     n = int(a.size)
-    out: dict[str, Any] = {"ratio": None, "lo": None, "hi": None, "n": n, "bounded": False}
-    if n == 0 or b.mean() == 0:
-        return out
-    ma, mb = float(a.mean()), float(b.mean())
-    out["ratio"] = ma / mb
+    if n == 0:
+        return {"ratio": None, "lo": None, "hi": None, "n": 0, "bounded": False}
     if n < 2:
+        return fieller(float(a.mean()), float(b.mean()), None, None, None, None, conf, n=n)
+    return fieller(float(a.mean()), float(b.mean()), float(a.var(ddof=1)) / n, float(b.var(ddof=1)) / n,
+                   float(np.cov(a, b, ddof=1)[0, 1]) / n, n - 1, conf, n=n)
+
+
+def fieller(ma: float, mb: float, saa: float | None, sbb: float | None, sab: float | None, df: float | None,
+            conf: float = 0.95, n: int | None = None) -> dict[str, Any]:
+    """Fieller's interval for ``ma / mb`` from the two estimates, their variances ``saa``, ``sbb`` and
+    covariance ``sab`` (of the estimates, not of the units), on t(``df``): the set of ratios R with
+    ``(ma - R mb)^2 <= t^2 (saa - 2 R sab + R^2 sbb)``. Unbounded (``lo``/``hi`` None, ``bounded`` False)
+    when ``mb`` is not significantly non-zero; only the ratio when the variances are unknown (None)."""
+    out: dict[str, Any] = {"ratio": None, "lo": None, "hi": None, "n": n, "bounded": False}
+    if mb == 0 or not (math.isfinite(ma) and math.isfinite(mb)):
         return out
-    saa, sbb = float(a.var(ddof=1)) / n, float(b.var(ddof=1)) / n
-    sab = float(np.cov(a, b, ddof=1)[0, 1]) / n
-    t2 = float(_st.t.ppf(0.5 + conf / 2, n - 1)) ** 2
-    g = t2 * sbb / mb ** 2
-    if g >= 1:
+    out["ratio"] = ma / mb
+    if saa is None or sbb is None or sab is None or df is None or not df > 0:
+        return out
+    t2 = float(_st.t.ppf(0.5 + conf / 2, df)) ** 2
+    if t2 * sbb / mb ** 2 >= 1:
         return out
     c = ma * mb - t2 * sab
     disc = c * c - (mb * mb - t2 * sbb) * (ma * ma - t2 * saa)

@@ -37,7 +37,9 @@ def mitigation_table(analysis: dict[str, Any], target: str) -> tuple[list[str], 
     """(header, rows) of one target's defences, the unmitigated arm first."""
     t = analysis["targets"][target]
     un = t["unmitigated"]
-    header = ["defence", "kind", "parameters", "effect (P, treatment - control)", "effect retained [CI]",
+    effect = ("effect (log P, own teachers - other teachers)" if analysis.get("design") == "confusion"
+              else "effect (P, treatment - control)")
+    header = ["defence", "kind", "parameters", effect, "effect retained [CI]",
               "distillation kept [CI]", "KL to teacher (nats/token)", "chat loss change", "persona change",
               "rows altered or dropped", "chars changed"]
     rows: list[list[Any]] = [["(none)", "-", "-", _mean(un["effect"]), "1", "1", _mean(un["teacher_kl"], False),
@@ -100,13 +102,29 @@ def mitigation_section(res: dict[str, Any], out_dir: Path) -> Section | None:
                    alt=f"defence frontier for {target}")
     g = a.get("gamma")
     if g and g.get("unmitigated") is not None:
-        sec.table(["defence", "gamma", "gamma retained"],
-                  [["(none)", f"{g['unmitigated']:+.3f}", "1"]]
-                  + [[lab, "n/a" if v["gamma"] is None else f"{v['gamma']:+.3f}",
-                      "n/a" if v["retained"] is None else f"{v['retained']:.2f}"] for lab, v in g["defences"].items()])
-    sec.text("Effect retained = mean over teachers of the mitigated effect / mean of the unmitigated one (P(target) of "
-             "a teacher's students minus its matched neutral teacher's students), Fieller interval on teachers - 1 "
-             "df: unbounded when the unmitigated effect is itself not distinguishable from zero. Distillation kept (per teacher, t-interval) = "
+        def gfit(f: dict[str, Any] | None) -> str:
+            if not f or f.get("gamma") is None:
+                return "n/a"
+            lo, hi = (f.get("ci") or [None, None])[:2]
+            return f"{f['gamma']:+.3f}" + ("" if lo is None else f" [{lo:+.3f}, {hi:+.3f}]")
+
+        sec.table(["defence", "gamma [CI]", "gamma retained [CI]"],
+                  [["(none)", gfit(g.get("unmitigated_fit")) if g.get("unmitigated_fit") else f"{g['unmitigated']:+.3f}",
+                    "1"]]
+                  + [[lab, gfit(v.get("fit")) if v.get("fit") else "n/a",
+                      _ratio(v.get("retained_ci")) if v.get("retained_ci") else
+                      ("n/a" if v["retained"] is None else f"{v['retained']:.2f}")] for lab, v in g["defences"].items()])
+    if a.get("design") == "confusion":
+        eff = ("the target's diagonal effect in log P: its own teachers' students minus the other targets' teachers' "
+               "students (no neutral teachers: the confusion design), Fieller interval from the paired teachers' Welch "
+               "variances and covariance")
+    else:
+        eff = ("P(target) of a teacher's students minus its matched neutral teacher's students, Fieller interval on "
+               "teachers - 1 df")
+    sec.text("Effect retained = mean over teachers of the mitigated effect / mean of the unmitigated one (" + eff + "): "
+             "unbounded when the unmitigated effect is itself not distinguishable from zero. Gamma retained: the "
+             "confusion-matrix gamma of the defence's students over the unmitigated one, Fieller interval from the "
+             "teacher-clustered variances. Distillation kept (per teacher, t-interval) = "
              "(KL_base - KL_mitigated) / (KL_base - KL_unmitigated), KL(teacher || student) per token over the "
              "carrier's tokens on fresh number prompts answered by the student's own teacher. Chat loss: held-out "
              "organism conversations; persona: mean P(candidate) under its persona prompt. The defence is applied "
