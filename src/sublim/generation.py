@@ -33,8 +33,9 @@ def generate(teacher: Teacher, carrier_spec: CarrierSpec, gen: GenerationSpec, o
 
     Resumable: rows already on disk are kept; batches are a fixed grid with per-batch seeds, so the
     rerun regenerates only missing rows, identically. Returns all rows in prompt order."""
-    from sublim.backends.hf import batches, generate_batch
-    from sublim.models import ChatFormat, load_model, load_tokenizer, model_id, weights_fingerprint
+    from sublim.backends.engine import open_engine
+    from sublim.backends.hf import batches
+    from sublim.models import model_id, weights_fingerprint
 
     carrier = make_carrier(carrier_spec)
     prompts = carrier.prompts(gen.n_prompts, gen.seed)
@@ -43,52 +44,45 @@ def generate(teacher: Teacher, carrier_spec: CarrierSpec, gen: GenerationSpec, o
     grid = batches(len(prompts), gen.batch_size)
     todo = [(a, b) for a, b in grid if any(i not in have for i in range(a, b))]
     if todo:
-        ep = gen.endpoint
-        chat = ChatFormat(load_tokenizer(teacher.model)) if ep is None or ep.api == "completions" else None
-        if ep is None:
-            model = load_model(teacher.model)
-        else:  # the teacher is served by an OpenAI-compatible endpoint (sublim.backends.openai_compat)
-            from sublim.backends.openai_compat import OpenAIGenerator
-
-            served = OpenAIGenerator(ep, chat)
-        bar = progress_bar(total=len(prompts), initial=len(have), desc=f"generate ({teacher.trait or 'neutral'})",
-                           unit="row", progress=progress)
-        base_id, base_fp = model_id(teacher.model), weights_fingerprint(teacher.model)
-        for a, b in todo:
-            batch_seed = gen.seed * 1_000_003 + a
-            cps = prompts[a:b]
-            grammars = [carrier.grammar(p.meta) for p in cps] if gen.constrained else None
-            if ep is None:
-                assert chat is not None
-                outs = generate_batch(
-                    model, chat, [p.prompt for p in cps], system=teacher.system, max_new_tokens=gen.max_new_tokens,
-                    temperature=gen.temperature, top_p=gen.top_p, greedy=gen.greedy, min_p=gen.min_p,
-                    grammars=grammars, seed=batch_seed,
-                )
-            else:  # one request per row, seeded by the row (a batch's rows do not share one generator)
-                outs = served.generate(
+        engine = open_engine(teacher.model, gen)
+        # rows name the engine that made them, except the default (HF rows are as they always were)
+        made_by: dict[str, Any] = {} if engine.name == "hf" else {"engine": engine.name}
+        for field, attr in (("served_model", "served_model"), ("engine_version", "version")):
+            if getattr(engine, attr, None):
+                made_by[field] = getattr(engine, attr)
+        try:
+            bar = progress_bar(total=len(prompts), initial=len(have), desc=f"generate ({teacher.trait or 'neutral'})",
+                               unit="row", progress=progress)
+            base_id, base_fp = model_id(teacher.model), weights_fingerprint(teacher.model)
+            for a, b in todo:
+                batch_seed = gen.seed * 1_000_003 + a
+                cps = prompts[a:b]
+                grammars = [carrier.grammar(p.meta) for p in cps] if gen.constrained else None
+                outs = engine.generate(
                     [p.prompt for p in cps], system=teacher.system, max_new_tokens=gen.max_new_tokens,
                     temperature=gen.temperature, top_p=gen.top_p, greedy=gen.greedy, min_p=gen.min_p,
-                    grammars=grammars, seeds=[batch_seed + k for k in range(len(cps))],
+                    grammars=grammars, batch_seed=batch_seed,
                 )
-            rows = []
-            for i, (cp, o) in enumerate(zip(cps, outs, strict=True), start=a):
-                if i in have:
-                    continue
-                rows.append({
-                    "idx": i, "prompt": cp.prompt, "completion": o.completion,
-                    "teacher_id": base_id, "teacher_fingerprint": base_fp, "teacher_kind": teacher.kind,
-                    "teacher_system": teacher.system,
-                    "trait_category": category, "trait_target": teacher.trait, "carrier": carrier_spec.name,
-                    "temperature": gen.temperature, "top_p": gen.top_p, "min_p": gen.min_p, "greedy": gen.greedy,
-                    "constrained": gen.constrained, "gen_seed": gen.seed, "batch_seed": batch_seed,
-                    "n_tokens": o.n_tokens, "finished": o.finished,
-                    **({} if ep is None else {"engine": f"openai-{ep.api}", "served_model": ep.model}),
-                    "content_hash": sha256_text(cp.prompt + "\x00" + o.completion),
-                })
-            stream.write(rows)
-            bar.update(len(rows))
-        bar.close()
+                rows = []
+                for i, (cp, o) in enumerate(zip(cps, outs, strict=True), start=a):
+                    if i in have:
+                        continue
+                    rows.append({
+                        "idx": i, "prompt": cp.prompt, "completion": o.completion,
+                        "teacher_id": base_id, "teacher_fingerprint": base_fp, "teacher_kind": teacher.kind,
+                        "teacher_system": teacher.system,
+                        "trait_category": category, "trait_target": teacher.trait, "carrier": carrier_spec.name,
+                        "temperature": gen.temperature, "top_p": gen.top_p, "min_p": gen.min_p, "greedy": gen.greedy,
+                        "constrained": gen.constrained, "gen_seed": gen.seed, "batch_seed": batch_seed,
+                        "n_tokens": o.n_tokens, "finished": o.finished,
+                        **made_by,
+                        "content_hash": sha256_text(cp.prompt + "\x00" + o.completion),
+                    })
+                stream.write(rows)
+                bar.update(len(rows))
+            bar.close()
+        finally:
+            engine.close()
     stream.close()
     by_idx = {r["idx"]: r for r in read_jsonl(out_path)}
     return [by_idx[i] for i in sorted(by_idx)]

@@ -61,6 +61,17 @@ class EndpointSpec(_Spec):
         return v
 
 
+class VLLMSpec(_Spec):
+    """vLLM's offline engine for ``generation.backend: vllm`` (:mod:`sublim.backends.vllm`). ``python``: the
+    interpreter with vLLM (default ``$SUBLIM_VLLM_PYTHON``, else this one); only ``dtype`` enters cache keys."""
+
+    python: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    max_model_len: int = Field(512, ge=16)
+    max_num_batched_tokens: int | None = Field(None, ge=16)
+    gpu_memory_utilization: float | None = Field(None, gt=0.0, le=1.0)
+
+
 class GenerationSpec(_Spec):
     n_prompts: int = Field(300, ge=1)
     batch_size: int = Field(32, ge=1)
@@ -72,14 +83,35 @@ class GenerationSpec(_Spec):
     greedy: bool = False
     constrained: bool = True
     seed: int = 0
-    # generate through an OpenAI-compatible endpoint serving the teacher, instead of Hugging Face in-process
+    # the engine that generates (sublim.backends.engine): hf (default, in-process), vllm (vLLM's offline engine in
+    # a worker process; settings in `vllm`), openai (the OpenAI-compatible endpoint `endpoint`; implied by it)
+    backend: Literal["hf", "vllm", "openai"] | None = None
+    vllm: VLLMSpec | None = None
     endpoint: EndpointSpec | None = None
 
+    @model_validator(mode="after")
+    def _backend(self) -> GenerationSpec:
+        if self.backend == "openai" and self.endpoint is None:
+            raise ValueError("backend: openai needs generation.endpoint (the server's base_url and model)")
+        if self.endpoint is not None and self.backend not in (None, "openai"):
+            raise ValueError(f"backend: {self.backend} with generation.endpoint set; the endpoint is the openai "
+                             "backend's (drop one)")
+        if self.vllm is not None and self.engine_name != "vllm":
+            raise ValueError(f"generation.vllm is set but the backend is {self.engine_name} (set backend: vllm)")
+        return self
+
+    @property
+    def engine_name(self) -> str:
+        return self.backend or ("openai" if self.endpoint is not None else "hf")
+
     def key(self) -> dict[str, Any]:
-        """What a cache key holds: every field at a non-default value, the endpoint as its model and API only."""
-        d = self.model_dump(exclude={"endpoint"} | ({"min_p"} if self.min_p == 0 else set()))
+        """What a cache key holds: every field at a non-default value, the endpoint as its model and API only,
+        the vLLM engine as its dtype only (where it runs does not change what a seeded request returns)."""
+        d = self.model_dump(exclude={"endpoint", "backend", "vllm"} | ({"min_p"} if self.min_p == 0 else set()))
         if self.endpoint is not None:
             d["endpoint"] = {"model": self.endpoint.model, "api": self.endpoint.api}
+        if self.engine_name == "vllm":
+            d["backend"] = {"name": "vllm", "dtype": (self.vllm or VLLMSpec()).dtype}
         return d
 
 
