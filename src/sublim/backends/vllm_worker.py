@@ -31,6 +31,7 @@ from typing import Any
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
+_LOGPROB_ENTRIES = 2_000_000
 _ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
 
 
@@ -84,13 +85,25 @@ class _Worker:
 
         tokens = req.get("tokens")
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=-1 if tokens else 0, detokenize=False)
-        seqs = req["seqs"]
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in seqs], params, use_tqdm=False)
-        res = []
-        for s, pos, o in zip(seqs, req["positions"], outs, strict=True):
-            lp = o.prompt_logprobs  # index t: {token id: Logprob} for the token at t given s[:t]; index 0 is None
-            want = tokens
-            res.append([[float(lp[t][k].logprob) for k in (want if want else [s[t]])] for t in pos])
+        seqs, positions = req["seqs"], req["positions"]
+        # a subset of tokens needs the whole vocabulary's prompt logprobs (vLLM has no per-token selection): one
+        # Python object per token and position, so sequences go in chunks of at most _LOGPROB_ENTRIES of them
+        # (at least one sequence), each reduced to the subset before the next (a 49k vocabulary at 256 rows of
+        # 100 tokens at once took the worker past 24 GB)
+        vocab = self.llm.llm_engine.model_config.get_vocab_size() if tokens else 1
+        res: list[list[list[float]]] = []
+        i = 0
+        while i < len(seqs):
+            j, size = i, 0
+            while j < len(seqs) and (j == i or size + len(seqs[j]) * vocab <= _LOGPROB_ENTRIES):
+                size += len(seqs[j]) * vocab
+                j += 1
+            outs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in seqs[i:j]], params, use_tqdm=False)
+            for s, pos, o in zip(seqs[i:j], positions[i:j], outs, strict=True):
+                lp = o.prompt_logprobs  # index t: {token id: Logprob} for the token at t given s[:t]; 0 is None
+                res.append([[float(lp[t][k].logprob) for k in (tokens if tokens else [s[t]])] for t in pos])
+            del outs
+            i = j
         return {"logprobs": res}
 
 
