@@ -9,7 +9,10 @@ the bar of issue 10 counts the animals whose interval is above 0.
 
 ``A+B`` pools two runs of one configuration made with other teacher replicates (``search.py --R0``): same base,
 recipe and rows per student, disjoint teachers; their students and neutral controls are analysed as one design.
-``--heatmap PATH`` draws the mean-lift matrix. ``--arm other`` reads the other-family students of a run made with ``--other-base``; ``--arm ic`` its
+``--heatmap PATH`` draws the mean-lift matrix. ``--looks N`` corrects for a design that was analysed N times as
+it grew (a sequential design, e.g. pooled after a first stage missed the bar): every interval is at level
+1 - 0.05/N (Bonferroni over the looks, valid whatever rule decided to continue) and the permutation p is compared
+with the bar's 0.001/N. ``--arm other`` reads the other-family students of a run made with ``--other-base``; ``--arm ic`` its
 in-context scores (``--in-context``).
 """
 from __future__ import annotations
@@ -46,23 +49,29 @@ def load(name: str, arm: str) -> tuple[dict, list[dict], list[dict]]:
     return {**first, "T": sum(r["T"] for r in runs)}, treated, controls
 
 
-def table(name: str, arm: str = "same", heatmap: str | None = None) -> str:
+def table(name: str, arm: str = "same", heatmap: str | None = None, looks: int = 1) -> str:
+    if looks < 1:
+        raise SystemExit(f"--looks must be >= 1, got {looks}")
     r, treated, controls = load(name, arm)
     animals = list(dict.fromkeys(x["trait"] for x in treated))
-    c = confusion_fit(treated, controls, animals)
+    conf = 1 - 0.05 / looks
+    c = confusion_fit(treated, controls, animals, conf=conf)
     if heatmap:
         from sublim.report.figures import specificity_heatmap
 
         specificity_heatmap(c["matrix"], c["animals"], c["animals"], heatmap,
                             title=f"{name} ({ARMS[arm][2]}): mean log lift, teacher level")
     head = (f"### {name} ({ARMS[arm][2]}): {len(animals)} animals x {r['T']} teachers x {r['S']} student seeds "
-            f"({r['rows_per_student']} rows per student)")
-    verdict = (f"gamma **{c['gamma']:+.3f}** [{c['gamma_ci'][0]:+.3f}, {c['gamma_ci'][1]:+.3f}] ({c['gamma_df']} df, "
+            f"({r['rows_per_student']} rows per student)"
+            + (f"; {looks} looks: intervals at {100 * conf:.1f}%, the bar's p < 0.001 becomes p < {0.001 / looks:.4g}"
+               if looks > 1 else ""))
+    pct = f"{100 * conf:.3g}%"
+    verdict = (f"gamma **{c['gamma']:+.3f}** [{pct} CI {c['gamma_ci'][0]:+.3f}, {c['gamma_ci'][1]:+.3f}] ({c['gamma_df']} df, "
                f"teacher-clustered); label-permutation p (one-sided) {c['p_perm_greater']:.4f} ({c['perm_method']}, "
                f"{c['n_perm']}); animals with the diagonal interval above 0: **{c['n_diagonal_above_zero']} of "
                f"{c['n_diagonal_defined']}**")
     lines = [head, "", verdict, "",
-             "| animal | diagonal effect [95% CI, Welch across teachers] | p | own-teacher mean lift | other teachers' |",
+             f"| animal | diagonal effect [{pct} CI, Welch across teachers] | p | own-teacher mean lift | other teachers' |",
              "|---|---|---|---|---|"]
     for d in c["diagonal"]:
         lo, hi = d["ci"]
@@ -76,8 +85,9 @@ if __name__ == "__main__":
     ap.add_argument("runs", nargs="+")
     ap.add_argument("--arm", choices=sorted(ARMS), default="same")
     ap.add_argument("--heatmap", default=None, help="also draw the K x K mean-lift heatmap here (one run only)")
+    ap.add_argument("--looks", type=int, default=1, help="times the growing design was analysed (Bonferroni)")
     args = ap.parse_args()
     if args.heatmap and len(args.runs) != 1:
         raise SystemExit("--heatmap draws one run (or one pooled A+B)")
     for n in args.runs:
-        print(table(n, args.arm, args.heatmap))
+        print(table(n, args.arm, args.heatmap, args.looks))
