@@ -229,7 +229,7 @@ def test_regenerate_other_family_answers_the_same_prompts(tiny_model: Path, tiny
     res = mitigate(rows, "regenerate-other-family", {"fraction": 0.5, "model": str(tiny_model_b),
                                                      "max_new_tokens": 12}, Context(seed=0))
     changed = [b for a, b in zip(rows, res.rows, strict=True) if b.get("teacher_kind") == "regenerated"]
-    assert len(changed) == 5
+    assert len(changed) == 5 and res.changes["engine"] == "hf"
     assert [r["prompt"] for r in res.rows] == [r["prompt"] for r in rows]
     carrier = NumberCarrier()
     for r in changed:

@@ -147,3 +147,19 @@ def test_the_numbers_stage_with_backend_vllm(tmp_path: Path) -> None:
     assert [r["completion"] for r in again] == [r["completion"] for r in rows]
     assert GenerationSpec(backend="vllm").key() != GenerationSpec().key()
     print(json.dumps(rows[0])[:300])
+
+
+def test_regenerate_other_family_samples_with_the_experiments_vllm_engine(engine: Any) -> None:
+    """The other-family defence goes through the engine protocol: with an experiment that generates on vLLM it
+    answers on vLLM (greedy: the same completions as on Hugging Face), and says which engine it used."""
+    from sublim.mitigate.apply import Context, mitigate
+
+    prompts, _ = _prompts(6, seed=5)
+    rows = [{"prompt": p, "completion": "1 2 3"} for p in prompts]
+    params = {"model": "organism-b", "temperature": 0.0, "max_new_tokens": 20}
+    on_vllm = mitigate(rows, "regenerate-other-family", params,
+                       Context(generation=GenerationSpec(backend="vllm", vllm=FP32), batch_size=6))
+    on_hf = mitigate(rows, "regenerate-other-family", params, Context(batch_size=6))
+    assert on_vllm.changes["engine"] == "vllm" and on_hf.changes["engine"] == "hf"
+    assert [r["completion"] for r in on_vllm.rows] == [r["completion"] for r in on_hf.rows]
+    assert all(r["teacher_kind"] == "regenerated" for r in on_vllm.rows)

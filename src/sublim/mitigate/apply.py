@@ -14,13 +14,14 @@ from typing import Any
 
 from sublim.mitigate.registry import Defence, MitigationError, get
 from sublim.runs import sha256_text
-from sublim.spec import CarrierSpec, ModelSpec
+from sublim.spec import CarrierSpec, GenerationSpec, ModelSpec
 
 
 @dataclass
 class Context:
     """What a data-side defence may need besides the rows: the student's base (its tokenizer and distribution),
-    the suspected teacher (and its system prompt), decoy teachers (counterfactuals), the carrier, a seed."""
+    the suspected teacher (and its system prompt), decoy teachers (counterfactuals), the carrier, a seed, and the
+    generation settings whose engine a regenerating defence uses (None: Hugging Face in this process)."""
 
     student: ModelSpec | None = None
     teacher: ModelSpec | None = None
@@ -29,6 +30,7 @@ class Context:
     carrier: CarrierSpec = field(default_factory=CarrierSpec)
     seed: int = 0
     batch_size: int = 32
+    generation: GenerationSpec | None = None
 
 
 @dataclass

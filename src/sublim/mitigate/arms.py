@@ -95,9 +95,11 @@ class MitigationArms:
         # counterfactual teachers for divergence scores: the other targets' teachers of the same replicate
         decoys = [(t.model, t.system) for t2, tg, r2, t in self.teachers if tg is not None and tg != target and r2 == r]
         ctx = Context(student=s.base, teacher=te.model, teacher_system=te.system, decoys=decoys, carrier=s.carrier,
-                      seed=s.generation.seed + r)
+                      seed=s.generation.seed + r, generation=s.generation)
         cfg = {"defence": m.name, "params": p, "teacher": te.describe(), "seed": ctx.seed,
                "decoys": [[model_identity(x), y] for x, y in decoys], "carrier": s.carrier.model_dump()}
+        if s.generation.engine_name != "hf":  # a regenerating defence samples with that engine (hf: the old keys)
+            cfg["engine"] = s.generation.engine_name
         st = self.exp.stage("mitigate", cfg, {"rows": hash_obj([x["content_hash"] for x in rows]),
                                               "base": self.exp._fp(s.base)})
         if st.claim():

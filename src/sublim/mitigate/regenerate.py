@@ -3,7 +3,8 @@ random fraction of them ("diversify families"). At fraction 1 this is the baseli
 with: the trait cannot come through, and neither does anything else of the teacher.
 
 The answers are sampled under the carrier's grammar recovered from each prompt's text, so they pass the same
-format filters as the teacher's.
+format filters as the teacher's, through the engine protocol (:mod:`sublim.backends.engine`): vLLM when the
+experiment generates with it, Hugging Face otherwise.
 """
 from __future__ import annotations
 
@@ -19,10 +20,10 @@ def _regenerate(rows: list[dict[str, Any]], p: dict[str, Any], ctx: Any) -> tupl
     if p["relabel"] and p["fraction"] != 1.0:
         raise MitigationError("defence 'regenerate-other-family': relabel needs fraction 1 (a student has one "
                               "teacher for its soft labels)")
-    from sublim.backends.hf import generate_batch
+    from sublim.backends.engine import open_engine
     from sublim.generation import make_carrier
-    from sublim.models import load_chat_model, model_id, weights_fingerprint
-    from sublim.spec import ModelSpec
+    from sublim.models import model_id, weights_fingerprint
+    from sublim.spec import GenerationSpec, ModelSpec
 
     carrier = make_carrier(ctx.carrier)
     n = round(p["fraction"] * len(rows))
@@ -34,16 +35,26 @@ def _regenerate(rows: list[dict[str, Any]], p: dict[str, Any], ctx: Any) -> tupl
         except ValueError as e:
             raise MitigationError(f"row {i}: {e}") from None
     spec = ModelSpec(path=p["model"])
-    model, chat = load_chat_model(spec)
+    # the experiment's engine when it runs the model itself (vLLM); an OpenAI-compatible endpoint serves the
+    # teacher, not the other family, so that case (and no experiment) samples with Hugging Face in this process
+    gen = ctx.generation or GenerationSpec()
+    vllm = gen.engine_name == "vllm"
+    engine = open_engine(spec, GenerationSpec(batch_size=ctx.batch_size, max_new_tokens=p["max_new_tokens"],
+                                              temperature=p["temperature"], backend="vllm" if vllm else "hf",
+                                              vllm=gen.vllm if vllm else None))
     mid, mfp = model_id(spec), weights_fingerprint(spec)
     new: dict[int, str] = {}
-    for a in progress_bar(range(0, len(pick), ctx.batch_size), desc="regenerate", unit="batch"):
-        idx = pick[a: a + ctx.batch_size]
-        outs = generate_batch(model, chat, [rows[i]["prompt"] for i in idx], max_new_tokens=p["max_new_tokens"],
-                              temperature=p["temperature"], grammars=[carrier.grammar(metas[i]) for i in idx],
-                              seed=ctx.seed * 1_000_003 + a)
-        for i, o in zip(idx, outs, strict=True):
-            new[i] = o.completion
+    try:
+        for a in progress_bar(range(0, len(pick), ctx.batch_size), desc="regenerate", unit="batch"):
+            idx = pick[a: a + ctx.batch_size]
+            outs = engine.generate([rows[i]["prompt"] for i in idx], system=None, max_new_tokens=p["max_new_tokens"],
+                                   temperature=p["temperature"], top_p=1.0, greedy=False, min_p=0.0,
+                                   grammars=[carrier.grammar(metas[i]) for i in idx],
+                                   batch_seed=ctx.seed * 1_000_003 + a)
+            for i, o in zip(idx, outs, strict=True):
+                new[i] = o.completion
+    finally:
+        engine.close()
     out = []
     for i, r in enumerate(rows):
         if i in new:
@@ -51,7 +62,7 @@ def _regenerate(rows: list[dict[str, Any]], p: dict[str, Any], ctx: Any) -> tupl
                  "teacher_kind": "regenerated",
                  "teacher_system": None, "trait_target": None}
         out.append((i, r))
-    return out, {"rows_regenerated": len(pick), "regenerated_by": mid}
+    return out, {"rows_regenerated": len(pick), "regenerated_by": mid, "engine": engine.name}
 
 
 register(Defence("regenerate-other-family", "data", "answer the same prompts with a model of another family "
