@@ -107,6 +107,9 @@ def test_canary_cli(tiny_model: Path, datasets: dict[str, Path], tmp_path: Path)
     assert "at least 2 seeds" in _one_line_error(runner.invoke(app, [*base[:-2], "--seeds", "0"]))
     assert "integers" in _one_line_error(runner.invoke(app, [*base[:-2], "--seeds", "a,b"]))
     assert "canary train config" in _one_line_error(runner.invoke(app, [*base, "--set", "lr=-1"]))
+    two = [*base[:-2], "--reference", str(datasets["owl"]), "--out", str(tmp_path / "two")]
+    assert runner.invoke(app, two).exit_code == 0
+    assert json.loads((tmp_path / "two" / "canary.json").read_text())["metrics"]["n_references"] == 2
 
 
 def test_scan_cli_with_panel(tiny_model: Path, datasets: dict[str, Path], tmp_path: Path) -> None:

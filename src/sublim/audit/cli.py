@@ -141,7 +141,8 @@ def rows(
 def canary(
     data: Data,
     student: Student,
-    reference: Annotated[Path, typer.Option(help="Reference dataset from a neutral teacher")],
+    reference: Annotated[list[Path], typer.Option(help="Reference dataset from a neutral teacher (repeatable: with "
+                                                      "2+, also a dataset-level test against their spread)")],
     traits: Traits = "animals",
     n_rows: Annotated[int, typer.Option("--rows", help="Rows sampled per fine-tune")] = 256,
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds (one student per arm per seed)")] = "0,1,2",
@@ -156,7 +157,8 @@ def canary(
 ) -> None:
     """Short LoRA fine-tunes on DATA and on the reference, several seeds; trait battery before and after.
 
-    E.g. --fail-on 'top_diff_lo>0' (some trait rose with a seed-level interval above zero)."""
+    E.g. --fail-on 'top_diff_lo>0' (some trait rose with a seed-level interval above zero), or with three or more
+    --reference, --fail-on 'top_dataset_lo>0' (it rose more than neutral datasets differ from each other)."""
     quiet()
     _threads(threads)
     from sublim.audit.canary import canary as run
@@ -167,7 +169,7 @@ def canary(
         seed_list = []
         guard(_bad, f"--seeds {seeds!r}: expected comma-separated integers")
     tr = guard(_train_spec, config, overrides)
-    res = guard(run, data, student, reference, traits=traits, n_rows=n_rows, seeds=seed_list, train=tr,
+    res = guard(run, data, student, reference if len(reference) > 1 else reference[0], traits=traits, n_rows=n_rows, seeds=seed_list, train=tr,
                 n_questions=questions, work_dir=keep, log=lambda m: typer.echo(m, err=True))
     finish(res, fail_on, out)
 
