@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python docs/results/scripts/audit_blind.py CONFIG-TAG --phase detect   # needs data only
     OMP_NUM_THREADS=1 python docs/results/scripts/audit_blind.py CONFIG-TAG --phase score    # needs the students
+    OMP_NUM_THREADS=1 python docs/results/scripts/audit_blind.py CONFIG-TAG --phase score --canary-unit datasets
 
 CONFIG-TAG names a finished (for ``score``) run of ``search.py`` (e.g. ``c5-orgb-k10t5s3``: 10 animals x 5
 teachers x 3 students, plus 5 neutral "teachers" x 3). The detectors were frozen (commit 9d4c110) before any of
@@ -15,7 +16,9 @@ and the neutral ones are the test set, and no label of a test dataset reaches a 
 Ground truth (the canary = the dataset's own distillation students, 3 seeds): per candidate animal (all 20), the
 log lift of the students' mean log P over the neutral students' (the neutral dataset under test left out);
 one-sided Welch test per animal; the canary's *top significant trait* is the largest lift among animals with
-p < 0.05 / 20 (Bonferroni). A dataset "carries a trait" when it has one.
+p < 0.05 / 20 (Bonferroni). A dataset "carries a trait" when it has one. ``--canary-unit datasets`` (session 13)
+takes the dataset, not the student, as the unit: the students-as-units test calls 3 of c1's 5 neutral datasets
+carriers, because most of the spread is between datasets (:func:`canary_truth_datasets`).
 
 Detectors, each on the first 512 rows the students trained on:
 * owner's scan: ``distill_carrier`` on the dataset's teacher's soft labels; each probe's cosine z-scored over the
@@ -182,6 +185,51 @@ def canary_truth(run: dict) -> dict:
     return out
 
 
+def canary_truth_datasets(run: dict) -> dict:
+    """The canary with the *dataset* as the unit (session 13): the students-as-units test above treats the 3
+    students of one dataset as independent draws, but most of the spread is between datasets (3 of c1's 5 neutral
+    datasets "carry" a trait by it). Here each dataset is its students' mean log P over the 20 animals, centred
+    over the animals (what it teaches about one animal relative to the others); for animal a the null is every
+    other dataset whose teacher's trait is not a (neutral ones and the other animals' teachers: the confusion
+    design's off-diagonal), and the dataset's value is tested against that null's prediction interval
+    (t with n - 1 degrees of freedom, one-sided), Bonferroni over the 20 animals."""
+    from scipy import stats
+
+    by: dict[str, list[dict]] = {}
+    for r in run["treated"] + run["controls"]:
+        by.setdefault(r["teacher"], []).append(r)
+    ids = list(by)
+    X = np.array([[np.mean([math.log(r["scores"][c]) for r in by[d]]) for c in CANDS] for d in ids])
+    X -= X.mean(1, keepdims=True)
+    trait = {d: by[d][0]["trait"] for d in ids}
+    out = {}
+    for i, d in enumerate(ids):
+        lift, p = np.zeros(len(CANDS)), np.ones(len(CANDS))
+        for j, c in enumerate(CANDS):
+            null = np.array([X[k, j] for k, e in enumerate(ids) if e != d and trait[e] != c])
+            m, s, n = null.mean(), null.std(ddof=1), len(null)
+            lift[j] = X[i, j] - m
+            p[j] = float(stats.t.sf(lift[j] / (s * math.sqrt(1 + 1 / n)), n - 1))
+        sig = [j for j in range(len(CANDS)) if p[j] < 0.05 / len(CANDS)]
+        top = CANDS[max(sig, key=lambda j: lift[j])] if sig else None
+        out[d] = {"lift": dict(zip(CANDS, lift.tolist(), strict=True)), "p": dict(zip(CANDS, p.tolist(), strict=True)),
+                  "top_significant": top, "carries": top is not None, "top": CANDS[int(np.argmin(p))],
+                  "own_p": None if trait[d] is None else float(p[CANDS.index(trait[d])])}
+    return out
+
+
+def canary_ceiling(truth: dict) -> dict:
+    """Over every trait dataset of the run (calibration and test): how often the canary's strongest shift (smallest
+    p, no threshold) is the teacher's animal, and how often the teacher's animal shifts at all (one-sided p <
+    0.5; p < 0.05). A detector that names the teacher's animal perfectly agrees with the canary's top this often."""
+    own = [(d, v) for d, v in truth.items() if v.get("own_p") is not None]
+    n = len(own)
+    k_top = sum(v["top"] == d.split("#")[0] for d, v in own)
+    return {"n_trait_datasets": n, "top_is_label": [k_top, n], "top_is_label_ci": wilson(k_top, n),
+            "own_shift_positive": sum(v["own_p"] < 0.5 for _, v in own), "own_p_below_0.05": sum(v["own_p"] < 0.05
+                                                                                               for _, v in own)}
+
+
 def zscore(cos: np.ndarray, panel: list[tuple[str | None, np.ndarray]]) -> np.ndarray:
     z = np.full(len(CANDS), np.nan)
     for j, c in enumerate(CANDS):
@@ -191,10 +239,10 @@ def zscore(cos: np.ndarray, panel: list[tuple[str | None, np.ndarray]]) -> np.nd
     return z
 
 
-def score(name: str, det_path: Path) -> dict:
+def score(name: str, det_path: Path, unit: str = "students") -> dict:
     run = json.loads((search.OUT / f"{name}.json").read_text())
     det = json.loads(det_path.read_text())
-    truth = canary_truth(run)
+    truth = canary_truth(run) if unit == "students" else canary_truth_datasets(run)
     cal = [(d["trait"], d) for d in det.values() if d["split"] == "calibration"]
     test = {k: d for k, d in det.items() if d["split"] == "test"}
     neutral_ids = [k for k, d in det.items() if d["trait"] is None]
@@ -216,7 +264,7 @@ def score(name: str, det_path: Path) -> dict:
     rows = []
     for k, d in test.items():
         item = {"dataset": k, "trait_label": d["trait"], "canary_top": truth[k]["top_significant"],
-                "carries": truth[k]["carries"], "gate_ratio": gate_ratio(k)}
+                "carries": truth[k]["carries"], "canary_top_any": truth[k].get("top"), "gate_ratio": gate_ratio(k)}
         item["gate_flag"] = int(item["gate_ratio"] > thr)
         zs = zscore(np.array(d["sft_cos"]), [(t, np.array(x["sft_cos"])) for t, x in cal])
         item["sft_top"], item["sft_top_z"] = CANDS[int(np.nanargmax(zs))], float(np.nanmax(zs))
@@ -240,7 +288,7 @@ def score(name: str, det_path: Path) -> dict:
             item[f"{det_name}_top"], item[f"{det_name}_top_score"] = CANDS[int(np.nanargmax(z))], float(np.nanmax(z))
             item[f"{det_name}_raw_top"] = CANDS[int(np.argmax(vec))]
         rows.append(item)
-    summary: dict = {"config": name, "gate_threshold": thr, "n_test": len(rows),
+    summary: dict = {"config": name, "canary_unit": unit, "gate_threshold": thr, "n_test": len(rows),
                      "n_test_trait": sum(r["trait_label"] is not None for r in rows),
                      "n_test_neutral": sum(r["trait_label"] is None for r in rows),
                      "n_canary_carries": sum(r["carries"] for r in rows if r["trait_label"] is not None),
@@ -262,6 +310,9 @@ def score(name: str, det_path: Path) -> dict:
             "rank1_vs_canary": [k, len(hits)], "rank1_ci": wilson(k, len(hits)) if top_key != "gate_top" else None,
             "rank1_vs_label": [sum(r[top_key] == r["trait_label"] for r in lab_hits), len(lab_hits)],
             "auc": auc(pos, neg), "auc_ci": auc_ci(pos, neg), "n_pos": len(pos), "n_neg": len(neg)}
+        if unit == "datasets":  # against the canary's strongest shift, significant or not (every test trait dataset)
+            k_any = sum(r[top_key] == r["canary_top_any"] for r in lab_hits)
+            summary[det_name]["rank1_vs_canary_top_any"] = [k_any, len(lab_hits)]
     summary["gate"]["flagged_test_trait"] = sum(r["gate_flag"] for r in rows if r["trait_label"] is not None)
     summary["gate"]["flagged_test_neutral"] = sum(r["gate_flag"] for r in neutrals)
     t = run["timings"]
@@ -273,6 +324,8 @@ def score(name: str, det_path: Path) -> dict:
         if v:
             costs[key.removesuffix("_s")] = {"seconds": float(np.mean(v)), "ratio_to_canary": float(np.mean(v)) / canary_s}
     summary["canary_seconds"] = canary_s
+    if unit == "datasets":
+        summary["canary_ceiling"] = canary_ceiling(truth)
     summary["costs"] = costs
     return {"summary": summary, "datasets": rows, "truth": truth}
 
@@ -283,13 +336,17 @@ def main() -> None:
     ap.add_argument("--phase", choices=["detect", "score"], required=True)
     ap.add_argument("--animals", default="owl,eagle,wolf,dolphin,elephant,cat,lion,fox,bear,horse")
     ap.add_argument("--T", type=int, default=5)
+    ap.add_argument("--canary-unit", choices=["students", "datasets"], default="students",
+                    help="the canary's unit: its students (the session-6 test) or the dataset against the other "
+                         "datasets lacking the trait (writes blind-NAME-datasets.json)")
     args = ap.parse_args()
     det = search.OUT / f"blind-detect-{args.name}.json"
     if args.phase == "detect":
         detect(args.name, args.animals.split(","), args.T, det)
     else:
-        out = score(args.name, det)
-        (search.OUT / f"blind-{args.name}.json").write_text(json.dumps(out, indent=1))
+        out = score(args.name, det, args.canary_unit)
+        tag = "" if args.canary_unit == "students" else "-datasets"
+        (search.OUT / f"blind-{args.name}{tag}.json").write_text(json.dumps(out, indent=1))
         print(json.dumps(out["summary"], indent=1))
 
 

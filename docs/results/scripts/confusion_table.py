@@ -61,11 +61,11 @@ def table(name: str, arm: str = "same", heatmap: str | None = None, looks: int =
 
         specificity_heatmap(c["matrix"], c["animals"], c["animals"], heatmap,
                             title=f"{name} ({ARMS[arm][2]}): mean log lift, teacher level")
+    pct = f"{100 * conf:.3g}%"
     head = (f"### {name} ({ARMS[arm][2]}): {len(animals)} animals x {r['T']} teachers x {r['S']} student seeds "
             f"({r['rows_per_student']} rows per student)"
-            + (f"; {looks} looks: intervals at {100 * conf:.1f}%, the bar's p < 0.001 becomes p < {0.001 / looks:.4g}"
+            + (f"; {looks} looks: intervals at {pct}, the bar's p < 0.001 becomes p < {0.001 / looks:.4g}"
                if looks > 1 else ""))
-    pct = f"{100 * conf:.3g}%"
     verdict = (f"gamma **{c['gamma']:+.3f}** [{pct} CI {c['gamma_ci'][0]:+.3f}, {c['gamma_ci'][1]:+.3f}] ({c['gamma_df']} df, "
                f"teacher-clustered); label-permutation p (one-sided) {c['p_perm_greater']:.4f} ({c['perm_method']}, "
                f"{c['n_perm']}); animals with the diagonal interval above 0: **{c['n_diagonal_above_zero']} of "
