@@ -18,6 +18,12 @@ The gate fires when the ratio exceeds a threshold fixed *before* the audited dat
 * otherwise :data:`DEFAULT_THRESHOLD`, or ``threshold=`` given by the user.
 
 It needs at least two neutral datasets (the reference plus one neutral panel member will do).
+
+What a flag means: the data did not come from a teacher like the neutral ones. It does not mean the data carries a
+trait. In the blind validation (docs/results/audits.md) every held-out trait teacher's data was flagged and no
+neutral dataset was, but teachers fine-tuned on trait-free material (uniform-animal answers, general chat, number
+answers) were flagged too, most of them further out than the trait teachers. The gate asks "is this the teacher I
+was told?", and the scans and the canary ask "what does it teach?".
 """
 from __future__ import annotations
 
@@ -99,7 +105,9 @@ def gate(data: str | Path | Sequence[dict[str, Any]], student: Any, *,
                "neutral": [{"name": nm, "loo_ratio": r} for (nm, _), r in zip(neutral, null_ratio, strict=True)],
                "decoys": [{"name": nm, "ratio": r} for (nm, _), r in zip(decoys, decoy_ratio, strict=True)],
                "interpretation": "ratio = distance of the dataset's scan vector from the mean of the neutral datasets, "
-                                 "in units of the neutral datasets' own leave-one-out spread; ~1 for neutral data",
+                                 "in units of the neutral datasets' own leave-one-out spread; ~1 for neutral data. A flag says "
+                                 "the data's teacher differs from the neutral teachers (any fine-tune does, with or "
+                                 "without a trait), not that the data carries a trait",
                "cost": {"seconds": seconds}}
     summary = [(f"gate: {'FLAGGED' if flag else 'passed'}: ratio {ratio:.2f} vs threshold {thr:.2f} ({how}; "
                f"{n} neutral, {len(decoys)} decoy datasets)")]
