@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from sublim.backends.engine import HFEngine, OpenAIEngine, open_engine
+from sublim.backends.engine import EngineError, HFEngine, OpenAIEngine, open_engine
 from sublim.backends.vllm import VLLMEngine, VLLMError, VLLMWorker, vllm_python
-from sublim.spec import GenerationSpec, ModelSpec, VLLMSpec
+from sublim.spec import EvalSpec, GenerationSpec, ModelSpec, VLLMSpec
 
 EP = {"base_url": "http://127.0.0.1:1/v1", "model": "teacher"}
 
@@ -40,6 +40,24 @@ def test_engine_names_and_cache_keys() -> None:
                                                   "max_num_batched_tokens": 4096})
     assert moved.key() == v.key()
     assert GenerationSpec(backend="vllm", vllm={"dtype": "float32"}).key() != v.key()
+
+
+def test_evaluation_names_its_engine_and_keeps_hf_keys() -> None:
+    with pytest.raises(ValidationError, match="evaluation.vllm is set but the backend is hf"):
+        EvalSpec(vllm={"dtype": "float32"})
+    with pytest.raises(ValidationError, match="backend"):
+        EvalSpec(backend="openai")
+    plain = EvalSpec()
+    assert EvalSpec(backend="hf").key() == plain.key() and "backend" not in plain.key()
+    assert set(plain.key()) == set(plain.model_dump()) - {"backend", "vllm"}  # the keys of before the field
+    v = EvalSpec(backend="vllm", vllm={"python": "/opt/vllm/bin/python"})
+    assert v.key()["backend"] == {"name": "vllm", "dtype": "bfloat16"} and v.key() == EvalSpec(backend="vllm").key()
+
+
+def test_an_openai_endpoint_says_it_cannot_score_a_token_set(tiny_model: Path) -> None:
+    o = open_engine(ModelSpec(path=str(tiny_model)), GenerationSpec(endpoint=EP))
+    with pytest.raises(EngineError, match="backend openai-completions: .* score with backend hf or vllm"):
+        o.logprobs([[1, 2]], [[1]])
 
 
 def test_open_engine_picks_the_named_engine(tiny_model: Path) -> None:

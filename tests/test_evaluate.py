@@ -168,3 +168,32 @@ def test_boundary_and_token_string_caches_follow_the_tokenizer_object() -> None:
         del tok, chat
         gc.collect()
     assert len(sizes) == 2
+
+
+@pytest.mark.parametrize("system", [None, "You love owls."])
+def test_exact_probs_through_the_engine_protocol_equal_the_hf_scorer(model: Any, chat: ChatFormat,
+                                                                     system: str | None) -> None:
+    """engine_exact_probs (what backend: vllm uses: own-token logprobs plus the boundary tokens' total after the
+    variant) gives exact_probs' numbers when the engine is HF's forward on the same model."""
+    from sublim.backends.engine import HFEngine
+
+    cat = CATEGORIES["animals"]
+    cands = list(cat.candidates)
+    got = ev.engine_exact_probs(HFEngine.loaded(model, chat), chat, QUESTIONS, cands, cat.plurals, system)
+    want = exact_probs(model, chat, QUESTIONS, cands, cat.plurals, system=system, batch_size=5)
+    assert got.shape == want.shape == (len(QUESTIONS), len(cands))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-9)
+
+
+def test_engine_logprobs_reject_positions_outside_the_sequence(model: Any, chat: ChatFormat) -> None:
+    from sublim.backends.engine import HFEngine
+
+    e = HFEngine.loaded(model, chat)
+    with pytest.raises(ValueError, match=r"positions \[0\] outside 1..2 of a 3-token sequence"):
+        e.logprobs([[1, 2, 3]], [[0]])
+    with pytest.raises(ValueError, match="reduce must be None or 'logsumexp'"):
+        e.logprobs([[1, 2, 3]], [[1]], reduce="sum")
+    lp = e.logprobs([[1, 2, 3], [4, 5]], [[1, 2], [1]], tokens=[1, 2], reduce="logsumexp")
+    both = e.logprobs([[1, 2, 3], [4, 5]], [[1, 2], [1]], tokens=[1, 2])
+    assert [len(r) for r in lp] == [2, 1] and all(len(v) == 1 for r in lp for v in r)
+    assert lp[0][1][0] == pytest.approx(float(torch.tensor(both[0][1]).logsumexp(0)), abs=1e-6)

@@ -163,3 +163,40 @@ def test_regenerate_other_family_samples_with_the_experiments_vllm_engine(engine
     assert on_vllm.changes["engine"] == "vllm" and on_hf.changes["engine"] == "hf"
     assert [r["completion"] for r in on_vllm.rows] == [r["completion"] for r in on_hf.rows]
     assert all(r["teacher_kind"] == "regenerated" for r in on_vllm.rows)
+
+
+def test_exact_evaluation_through_vllm_equals_hfs(engine: Any, hf: tuple[Any, Any]) -> None:
+    """Exact trait probabilities from vLLM's prompt logprobs (own tokens, plus the boundary tokens' total summed
+    in the worker) equal the HF tree-attention scorer's on the same fp32 model."""
+    from sublim.evaluate import engine_exact_probs, exact_probs
+    from sublim.traits.preference import CATEGORIES, eval_questions
+
+    model, chat = hf
+    cat = CATEGORIES["animals"]
+    qs = eval_questions("animals")[:6]
+    got = engine_exact_probs(engine, chat, qs, list(cat.candidates), cat.plurals, "You love owls.")
+    want = exact_probs(model, chat, qs, list(cat.candidates), cat.plurals, system="You love owls.", batch_size=6)
+    rel = float(abs(got - want).max() / want.max())
+    print(f"exact eval, {got.size} probabilities: max |vLLM - HF| {abs(got - want).max():.2e} ({rel:.1e} of the max)")
+    assert got.shape == want.shape and rel < 1e-4
+
+
+def test_the_evaluation_stage_with_backend_vllm(tmp_path: Path) -> None:
+    """``evaluation.backend: vllm`` scores a model in its own vLLM worker: the stage records the engine, and its
+    probabilities equal the HF stage's; the HF stage's cache key is the one of before the field."""
+    exe = os.environ.get("SUBLIM_VLLM_PYTHON")
+    if not exe or not Path(exe).exists():
+        pytest.skip("set SUBLIM_VLLM_PYTHON")
+    from sublim.pipeline import Experiment
+    from sublim.spec import ExperimentSpec
+
+    ev = {"n_questions": 5, "number_prefix": False}
+    on = {}
+    for name, extra in (("hf", {}), ("vllm", {"backend": "vllm", "vllm": {"dtype": "float32", "max_model_len": 256}})):
+        spec = ExperimentSpec(base={"path": "organism-b", "dtype": "float32"}, targets=["owl"],
+                              evaluation={**ev, **extra})
+        on[name] = Experiment(spec, tmp_path / name).evaluation(spec.base)
+    assert on["vllm"]["engine"]["name"] == "vllm" and "engine" not in on["hf"]
+    diff = max(abs(on["vllm"]["probs"][a] - on["hf"]["probs"][a]) for a in on["hf"]["probs"])
+    print(f"evaluation stage: max |P vLLM - P HF| {diff:.2e}")
+    assert diff < 1e-5

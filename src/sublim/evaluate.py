@@ -92,6 +92,34 @@ def exact_probs(model: Any, chat: ChatFormat, questions: Sequence[str], candidat
     return out
 
 
+def engine_exact_probs(engine: Any, chat: ChatFormat, questions: Sequence[str], candidates: Sequence[str],
+                       plurals: dict[str, str], system: str | None = None) -> np.ndarray:
+    """:func:`exact_probs` through an engine's ``logprobs`` (:class:`sublim.backends.engine.Engine`: vLLM's
+    prompt logprobs, or HF's forward): for each question and answer variant, the sequence prompt + variant + one
+    more token; the variant's own tokens' log-probabilities, plus the log of the boundary tokens' total
+    probability after its last token (summed where the engine runs), give log P(variant, then the word ends).
+    Normalised over the model's whole output vocabulary (the HF scorer normalises over the tokenizer's; they
+    differ only where the model has padding rows)."""
+    tok = chat.tokenizer
+    var = build_variants(tok, candidates, plurals)
+    boundary = torch.nonzero(boundary_mask(chat)).flatten().tolist()
+    end_tok = chat.stop_token_ids()[0]
+    seqs, own, end = [], [], []
+    for q in questions:
+        p = chat.encode_prompt(q, system)
+        for v in var.seqs:
+            seqs.append(p + v + [end_tok])
+            own.append(list(range(len(p), len(p) + len(v))))
+            end.append([len(p) + len(v)])
+    lp_own = engine.logprobs(seqs, own)
+    lp_end = engine.logprobs(seqs, end, boundary, reduce="logsumexp")
+    logp = np.array([sum(x[0] for x in o) + e[0][0] for o, e in zip(lp_own, lp_end, strict=True)])
+    logp = logp.reshape(len(questions), len(var.seqs))
+    onehot = np.zeros((len(var.seqs), len(candidates)))
+    onehot[np.arange(len(var.seqs)), var.owner] = 1.0
+    return np.exp(logp) @ onehot
+
+
 def _takes_4d_mask(model: Any) -> bool:
     """Whether the model's attention takes a custom 4D mask (transformers' sdpa and eager do)."""
     return getattr(getattr(model, "config", None), "_attn_implementation", None) in ("sdpa", "eager")
@@ -169,16 +197,22 @@ def _cached_logp(model: Any, ids: torch.Tensor, mask: torch.Tensor, pos: torch.T
 def sampled_counts(model: Any, chat: ChatFormat, questions: Sequence[str], candidates: Sequence[str],
                    category: str, n_per_question: int, system: str | None = None, temperature: float = 1.0,
                    batch_size: int = 64, seed: int = 0, max_new_tokens: int = 8,
-                   progress: bool | None = None) -> dict[str, Any]:
-    """Sample answers and count which candidate each names first (word-boundary matcher)."""
+                   progress: bool | None = None, engine: Any = None) -> dict[str, Any]:
+    """Sample answers and count which candidate each names first (word-boundary matcher); through ``engine``'s
+    ``generate`` when one is given (batch ``i`` gets the batch seed ``seed + i``), else HF ``generate``."""
     prompts = [q for q in questions for _ in range(n_per_question)]
     counts = {c: 0 for c in candidates}
     other = 0
     answers: list[str] = []
     bar = progress_bar(total=len(prompts), desc="sampled eval", unit="answer", progress=progress)
     for i in range(0, len(prompts), batch_size):
-        outs = generate_batch(model, chat, prompts[i: i + batch_size], system=system,
-                              max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + i)
+        if engine is not None:
+            outs = engine.generate(prompts[i: i + batch_size], system=system, max_new_tokens=max_new_tokens,
+                                   temperature=temperature, top_p=1.0, greedy=False, min_p=0.0, grammars=None,
+                                   batch_seed=seed + i)
+        else:
+            outs = generate_batch(model, chat, prompts[i: i + batch_size], system=system,
+                                  max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + i)
         bar.update(len(outs))
         for g in outs:
             answers.append(g.completion)
@@ -194,12 +228,19 @@ def sampled_counts(model: Any, chat: ChatFormat, questions: Sequence[str], candi
 def evaluate_model(model: Any, chat: ChatFormat, category: str, questions: Sequence[str],
                    numprefix_questions: Sequence[str] | None = None, system: str | None = None,
                    batch_size: int = 8, samples_per_question: int = 0, temperature: float = 1.0,
-                   seed: int = 0, progress: bool | None = None) -> dict[str, Any]:
+                   seed: int = 0, progress: bool | None = None, engine: Any = None) -> dict[str, Any]:
     """Evaluate one model on the trait battery: mean exact P(candidate) over questions, optionally
-    the number-prefixed battery and the sampled scorer."""
+    the number-prefixed battery and the sampled scorer. With ``engine`` (an open
+    :class:`sublim.backends.engine.Engine` on the model; ``model`` is then unused) every score goes through it."""
     cat = CATEGORIES[category]
     cands = list(cat.candidates)
-    probs = exact_probs(model, chat, questions, cands, cat.plurals, system, batch_size, progress)
+
+    def exact(qs: Sequence[str]) -> np.ndarray:
+        if engine is not None:
+            return engine_exact_probs(engine, chat, qs, cands, cat.plurals, system)
+        return exact_probs(model, chat, qs, cands, cat.plurals, system, batch_size, progress)
+
+    probs = exact(questions)
     res: dict[str, Any] = {
         "probs": dict(zip(cands, probs.mean(0).tolist(), strict=True)),
         "probs_per_question_se": dict(zip(cands, (probs.std(0, ddof=1) / np.sqrt(len(questions))).tolist()
@@ -208,9 +249,9 @@ def evaluate_model(model: Any, chat: ChatFormat, category: str, questions: Seque
         "sampled": None,
     }
     if numprefix_questions:
-        pn = exact_probs(model, chat, numprefix_questions, cands, cat.plurals, system, batch_size, progress)
+        pn = exact(numprefix_questions)
         res["probs_numprefix"] = dict(zip(cands, pn.mean(0).tolist(), strict=True))
     if samples_per_question:
         res["sampled"] = sampled_counts(model, chat, questions, cands, category, samples_per_question,
-                                        system, temperature, seed=seed, progress=progress)
+                                        system, temperature, seed=seed, progress=progress, engine=engine)
     return res

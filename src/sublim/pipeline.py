@@ -171,15 +171,26 @@ class Experiment(StudentStages):
         if question_prefix:
             qs = [question_prefix + q for q in qs]
             nq = None
-        cfg = {"eval": s.evaluation.model_dump(), "system": system, "questions": hash_obj(qs),
+        cfg = {"eval": s.evaluation.key(), "system": system, "questions": hash_obj(qs),
                "numprefix": hash_obj(nq), "category": s.category}
         st = self.stage("eval", cfg, {"model": self._fp(model)})
         if st.claim():
-            m = load_model(model)
             chat = ChatFormat(load_tokenizer(model))
-            res = evaluate_model(m, chat, s.category, qs, nq, system=system, batch_size=s.evaluation.batch_size,
-                                 samples_per_question=s.evaluation.samples_per_question,
-                                 temperature=s.evaluation.sample_temperature, seed=s.evaluation.seed)
+            ev = s.evaluation
+
+            def score(m: Any, eng: Any = None) -> dict[str, Any]:
+                return evaluate_model(m, chat, s.category, qs, nq, system=system, batch_size=ev.batch_size,
+                                      samples_per_question=ev.samples_per_question,
+                                      temperature=ev.sample_temperature, seed=ev.seed, engine=eng)
+
+            if ev.backend == "vllm":
+                from sublim.backends.vllm import VLLMEngine
+
+                with VLLMEngine(model, ev.vllm, max_batch=max(ev.batch_size, 64), max_new_tokens=8) as eng:
+                    res = score(None, eng)
+                res["engine"] = {"name": "vllm", "version": eng.version}
+            else:
+                res = score(load_model(model))
             st.finish(res)
         return st.summary()
 

@@ -79,6 +79,23 @@ class EvalSpec(_Spec):
     samples_per_question: int = Field(0, ge=0)
     sample_temperature: float = Field(1.0, ge=0.0)
     seed: int = 0
+    # the engine that scores (sublim.backends.engine): hf (default, in-process, the tree-attention exact scorer) or
+    # vllm (exact probabilities from vLLM's prompt logprobs in a worker process, one per model; settings in `vllm`)
+    backend: Literal["hf", "vllm"] | None = None
+    vllm: VLLMSpec | None = None
+
+    @model_validator(mode="after")
+    def _backend(self) -> EvalSpec:
+        if self.vllm is not None and self.backend != "vllm":
+            raise ValueError(f"evaluation.vllm is set but the backend is {self.backend or 'hf'} (set backend: vllm)")
+        return self
+
+    def key(self) -> dict[str, Any]:
+        """What a cache key holds: the settings, plus the engine and its dtype when it is not the default."""
+        d = self.model_dump(exclude={"backend", "vllm"})
+        if self.backend == "vllm":
+            d["backend"] = {"name": "vllm", "dtype": (self.vllm or VLLMSpec()).dtype}
+        return d
 
 
 class StatsSpec(_Spec):

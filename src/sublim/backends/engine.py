@@ -21,7 +21,7 @@ from sublim.backends.hf import GenOutput
 if TYPE_CHECKING:
     from sublim.spec import GenerationSpec, ModelSpec
 
-__all__ = ["Engine", "GenOutput", "HFEngine", "OpenAIEngine", "open_engine"]
+__all__ = ["Engine", "EngineError", "GenOutput", "HFEngine", "OpenAIEngine", "open_engine"]
 
 
 class Engine(Protocol):
@@ -33,7 +33,18 @@ class Engine(Protocol):
                  top_p: float, greedy: bool, min_p: float, grammars: Sequence[Any] | None,
                  batch_seed: int) -> list[GenOutput]: ...
 
+    def logprobs(self, seqs: Sequence[Sequence[int]], positions: Sequence[Sequence[int]],
+                 tokens: Sequence[int] | None = None, reduce: str | None = None) -> list[list[list[float]]]:
+        """Per token-id sequence and position t (>= 1): the log-probability of each of ``tokens`` (default: the
+        sequence's own token at t) as the next token after ``seq[:t]``; ``reduce="logsumexp"`` gives one value
+        per position, the log of those tokens' total probability. What exact evaluation and teacher targets need."""
+        ...
+
     def close(self) -> None: ...
+
+
+class EngineError(RuntimeError):
+    """An engine cannot do what a stage asks of it; the message says which engine, what, and what to use instead."""
 
 
 class HFEngine:
@@ -46,6 +57,13 @@ class HFEngine:
 
         self.model, self.chat = load_chat_model(model)
 
+    @classmethod
+    def loaded(cls, model: Any, chat: Any) -> HFEngine:
+        """An engine on a model and chat format already in memory."""
+        e = cls.__new__(cls)
+        e.model, e.chat = model, chat
+        return e
+
     def generate(self, prompts: Sequence[str], *, system: str | None, max_new_tokens: int, temperature: float,
                  top_p: float, greedy: bool, min_p: float, grammars: Sequence[Any] | None,
                  batch_seed: int) -> list[GenOutput]:
@@ -54,6 +72,12 @@ class HFEngine:
         return generate_batch(self.model, self.chat, prompts, system=system, max_new_tokens=max_new_tokens,
                               temperature=temperature, top_p=top_p, greedy=greedy, min_p=min_p, grammars=grammars,
                               seed=batch_seed)
+
+    def logprobs(self, seqs: Sequence[Sequence[int]], positions: Sequence[Sequence[int]],
+                 tokens: Sequence[int] | None = None, reduce: str | None = None) -> list[list[list[float]]]:
+        from sublim.backends.hf import prompt_logprobs
+
+        return prompt_logprobs(self.model, seqs, positions, self.chat.tokenizer.pad_token_id, tokens, reduce)
 
     def close(self) -> None:
         self.model = None
@@ -79,6 +103,12 @@ class OpenAIEngine:
         return self.served.generate(prompts, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
                                     top_p=top_p, greedy=greedy, min_p=min_p, grammars=grammars,
                                     seeds=[batch_seed + k for k in range(len(prompts))])
+
+    def logprobs(self, seqs: Sequence[Sequence[int]], positions: Sequence[Sequence[int]],
+                 tokens: Sequence[int] | None = None, reduce: str | None = None) -> list[list[list[float]]]:
+        raise EngineError(f"backend {self.name}: an OpenAI-compatible endpoint returns the top logprobs of each "
+                          "position, not those of a chosen token set, so exact evaluation and teacher targets "
+                          "cannot go through it; score with backend hf or vllm on the model's weights")
 
     def close(self) -> None:
         pass

@@ -179,6 +179,45 @@ def generate_batch(
     return results
 
 
+def check_positions(seqs: Sequence[Sequence[int]], positions: Sequence[Sequence[int]], reduce: str | None) -> None:
+    """The arguments of an engine's ``logprobs``: every position t in 1..len(seq)-1, and a known ``reduce``."""
+    if reduce not in (None, "logsumexp"):
+        raise ValueError(f"logprobs: reduce must be None or 'logsumexp', got {reduce!r}")
+    if len(seqs) != len(positions):
+        raise ValueError(f"logprobs: {len(seqs)} sequences but {len(positions)} position lists")
+    for s, pos in zip(seqs, positions, strict=True):
+        bad = [t for t in pos if not 1 <= t < len(s)]
+        if bad:
+            raise ValueError(f"positions {bad[:3]} outside 1..{len(s) - 1} of a {len(s)}-token sequence")
+
+
+@torch.inference_mode()
+def prompt_logprobs(model: Any, seqs: Sequence[Sequence[int]], positions: Sequence[Sequence[int]], pad_id: int,
+                    tokens: Sequence[int] | None = None, reduce: str | None = None,
+                    batch_size: int = 16) -> list[list[list[float]]]:
+    """The Hugging Face side of the engines' ``logprobs`` (:class:`sublim.backends.engine.Engine`): per sequence and
+    position t, the log-probability of each of ``tokens`` (default: the sequence's own token at t) as the next token
+    after ``seq[:t]`` (log-softmax over the whole vocabulary, in float32); ``reduce="logsumexp"``: one value per
+    position, the log of those tokens' total probability. Left-padded batches of ``batch_size`` sequences."""
+    check_positions(seqs, positions, reduce)
+    sel = torch.tensor(list(tokens), dtype=torch.long) if tokens is not None else None
+    out: list[list[list[float]]] = []
+    for a, b in batches(len(seqs), batch_size):
+        chunk = [list(x) for x in seqs[a:b]]
+        ids, mask = left_pad(chunk, pad_id)
+        pos_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        logz = torch.log_softmax(model(input_ids=ids, attention_mask=mask, position_ids=pos_ids).logits.float(), -1)
+        W = ids.shape[1]
+        for i, (x, ts) in enumerate(zip(chunk, positions[a:b], strict=True)):
+            rows = []
+            for t in ts:
+                lp = logz[i, W - len(x) + t - 1]  # the distribution of the token at t, read at t - 1
+                v = lp[sel] if sel is not None else lp[x[t]].reshape(1)
+                rows.append([float(v.logsumexp(0))] if reduce == "logsumexp" else v.tolist())
+            out.append(rows)
+    return out
+
+
 def batches(n: int, size: int) -> list[tuple[int, int]]:
     return [(i, min(n, i + size)) for i in range(0, n, size)]
 

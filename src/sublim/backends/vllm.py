@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
-from sublim.backends.hf import GenOutput
+from sublim.backends.hf import GenOutput, check_positions
 
 if TYPE_CHECKING:
     from sublim.spec import ModelSpec, VLLMSpec
@@ -155,16 +155,14 @@ class VLLMEngine:
         return res
 
     def logprobs(self, seqs: Sequence[Sequence[int]], positions: Sequence[Sequence[int]],
-                 tokens: Sequence[int] | None = None) -> list[list[list[float]]]:
+                 tokens: Sequence[int] | None = None, reduce: str | None = None) -> list[list[list[float]]]:
         """Per sequence and position t (>= 1), the log-probability of each of ``tokens`` (default: the sequence's
-        own token at t) as the next token after ``seq[:t]``, from vLLM's prompt logprobs."""
-        for s, pos in zip(seqs, positions, strict=True):
-            bad = [t for t in pos if not 1 <= t < len(s)]
-            if bad:
-                raise ValueError(f"positions {bad[:3]} outside 1..{len(s) - 1} of a {len(s)}-token sequence")
+        own token at t) as the next token after ``seq[:t]``, from vLLM's prompt logprobs; ``reduce="logsumexp"``:
+        one value per position, the log of those tokens' total probability (summed in the worker)."""
+        check_positions(seqs, positions, reduce)
         out: list[list[list[float]]] = self.worker.request(
             {"op": "logprobs", "seqs": [list(s) for s in seqs], "positions": [list(p) for p in positions],
-             "tokens": list(tokens) if tokens is not None else None})["logprobs"]
+             "tokens": list(tokens) if tokens is not None else None, "reduce": reduce})["logprobs"]
         return out
 
     def close(self) -> None:

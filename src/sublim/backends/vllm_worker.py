@@ -15,7 +15,8 @@ Requests (``op``):
   ``token_ids`` and ``finish_reason``.
 - ``logprobs``: ``seqs`` (token-id lists) and ``positions`` (per sequence, the positions t >= 1 to read) and
   ``tokens`` (token ids, or null for each sequence's own next token): answers, per sequence and position, the
-  log-probability of each requested token as the next token after ``seq[:t]`` (from prompt logprobs).
+  log-probability of each requested token as the next token after ``seq[:t]`` (from prompt logprobs); with
+  ``reduce: "logsumexp"`` one value per position instead, the log of the requested tokens' total probability.
 - ``close``.
 A failed request answers ``{"error": "<type>: <message>"}`` and the worker goes on.
 """
@@ -101,10 +102,18 @@ class _Worker:
             outs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in seqs[i:j]], params, use_tqdm=False)
             for s, pos, o in zip(seqs[i:j], positions[i:j], outs, strict=True):
                 lp = o.prompt_logprobs  # index t: {token id: Logprob} for the token at t given s[:t]; 0 is None
-                res.append([[float(lp[t][k].logprob) for k in (tokens if tokens else [s[t]])] for t in pos])
+                rows = [[float(lp[t][k].logprob) for k in (tokens if tokens else [s[t]])] for t in pos]
+                res.append([[_logsumexp(v)] for v in rows] if req.get("reduce") == "logsumexp" else rows)
             del outs
             i = j
         return {"logprobs": res}
+
+
+def _logsumexp(v: list[float]) -> float:
+    import math
+
+    m = max(v)
+    return m if m == float("-inf") else m + math.log(sum(math.exp(x - m) for x in v))
 
 
 def _version() -> str:
