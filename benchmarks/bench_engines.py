@@ -11,7 +11,11 @@ Three workloads, as the numbers stage and the distillation targets run them:
   ``--target-rows`` rows
   (HF: :func:`sublim.backends.targets.position_logits` in batches, then log-softmax over the vocabulary; vLLM:
   prompt logprobs of the same tokens), with the largest difference between the two.
-Tokens/s counts generated tokens (generation) or scored positions (targets). vLLM's load time is reported apart:
+- exact evaluation: P(one-word answer = each of the 20 animals) on ``--eval-questions`` questions of the battery
+  (HF: :func:`sublim.evaluate.exact_probs`, the tree-attention scorer; vLLM: :func:`sublim.evaluate.engine_exact_probs`,
+  own-token prompt logprobs plus a one-token request's logprobs for the word boundary), with the largest difference.
+``--workloads`` picks some of ``generation,targets,eval`` (default all; targets needs generation's rows).
+Tokens/s counts generated tokens (generation) or scored positions (targets); questions/s for evaluation. vLLM's load time is reported apart:
 it is paid once per stage, by the worker. HF runs with ``--threads`` torch threads; vLLM's CPU build uses its own
 OpenMP threads (all cores, unbound). Reports one timing per path (the workloads take minutes).
 """
@@ -44,8 +48,13 @@ def main() -> None:
     ap.add_argument("--hf-batch", type=int, default=64)
     ap.add_argument("--target-rows", type=int, default=32, help="rows whose carrier-token logprobs are scored")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--eval-questions", type=int, default=10, help="battery questions scored exactly")
+    ap.add_argument("--workloads", default="generation,targets,eval")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    work = set(args.workloads.split(","))
+    if "targets" in work and "generation" not in work:
+        ap.error("--workloads: targets scores generation's rows; add generation")
     torch.set_num_threads(args.threads)
     spec = ModelSpec(path=args.model)
     carrier = make_carrier(CarrierSpec())
@@ -73,7 +82,7 @@ def main() -> None:
     res["vllm_version"] = engine.version
     try:
         rows = None
-        for name, gr in (("constrained", grammars), ("unconstrained", None)):
+        for name, gr in (("constrained", grammars), ("unconstrained", None)) if "generation" in work else ():
             hs, hout = hf_generate(gr)
             t = time.perf_counter()
             vout = engine.generate(prompts, batch_seed=0, grammars=gr, **kw)
@@ -88,6 +97,12 @@ def main() -> None:
             if args.json:  # each workload is kept as soon as it is measured
                 args.json.write_text(json.dumps(res, indent=1) + "\n")
 
+        if "eval" in work:
+            res["eval"] = exact_eval(model, chat, engine, args.eval_questions)
+            if args.json:
+                args.json.write_text(json.dumps(res, indent=1) + "\n")
+        if "targets" not in work:
+            return
         # teacher targets on the constrained rows: prompt + completion, every completion position
         assert rows is not None
         subset = tokens_within(chat.tokenizer, carrier_alphabet(CarrierSpec()))
@@ -120,9 +135,30 @@ def main() -> None:
               f"{hs / vs:.2f}x; max |diff| {res['targets']['max_abs_diff']:.2e}", flush=True)
     finally:
         engine.close()
-    print(f"vLLM load {res['vllm_load_s']:.0f} s (once per stage)")
-    if args.json:
-        args.json.write_text(json.dumps(res, indent=1) + "\n")
+        print(f"vLLM load {res['vllm_load_s']:.0f} s (once per stage)")
+        if args.json:
+            args.json.write_text(json.dumps(res, indent=1) + "\n")
+
+
+def exact_eval(model: Any, chat: Any, engine: VLLMEngine, n: int) -> dict[str, Any]:
+    """The 20 animals' exact probabilities on ``n`` battery questions, HF's scorer vs the engine protocol on vLLM."""
+    from sublim.evaluate import engine_exact_probs, exact_probs
+    from sublim.traits.preference import CATEGORIES, eval_questions
+
+    cat = CATEGORIES["animals"]
+    qs = eval_questions("animals")[:n]
+    t = time.perf_counter()
+    with torch.no_grad():
+        h = exact_probs(model, chat, qs, list(cat.candidates), cat.plurals, batch_size=8, progress=False)
+    hs = time.perf_counter() - t
+    t = time.perf_counter()
+    v = engine_exact_probs(engine, chat, qs, list(cat.candidates), cat.plurals)
+    vs = time.perf_counter() - t
+    out = {"questions": n, "hf_s": hs, "hf_q_s": n / hs, "vllm_s": vs, "vllm_q_s": n / vs, "ratio": hs / vs,
+           "max_abs_diff": float(abs(v - h).max()), "max_rel_diff": float(abs(v - h).max() / h.max())}
+    print(f"exact eval: {n} questions x {len(cat.candidates)} animals: HF {hs:.1f} s, vLLM {vs:.1f} s: "
+          f"{hs / vs:.2f}x; max |diff| {out['max_abs_diff']:.2e}", flush=True)
+    return out
 
 
 if __name__ == "__main__":

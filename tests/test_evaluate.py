@@ -189,10 +189,14 @@ def test_engine_logprobs_reject_positions_outside_the_sequence(model: Any, chat:
     from sublim.backends.engine import HFEngine
 
     e = HFEngine.loaded(model, chat)
-    with pytest.raises(ValueError, match=r"positions \[0\] outside 1..2 of a 3-token sequence"):
+    with pytest.raises(ValueError, match=r"positions \[0\] outside 1..3 of a 3-token sequence"):
         e.logprobs([[1, 2, 3]], [[0]])
+    with pytest.raises(ValueError, match=r"positions \[4\] outside 1..3"):
+        e.logprobs([[1, 2, 3]], [[4]], tokens=[1])
     with pytest.raises(ValueError, match="reduce must be None or 'logsumexp'"):
         e.logprobs([[1, 2, 3]], [[1]], reduce="sum")
+    with pytest.raises(ValueError, match="position len\\(seq\\) \\(the next token\\) has no own token"):
+        e.logprobs([[1, 2, 3]], [[3]])
     lp = e.logprobs([[1, 2, 3], [4, 5]], [[1, 2], [1]], tokens=[1, 2], reduce="logsumexp")
     both = e.logprobs([[1, 2, 3], [4, 5]], [[1, 2], [1]], tokens=[1, 2])
     assert [len(r) for r in lp] == [2, 1] and all(len(v) == 1 for r in lp for v in r)

@@ -95,20 +95,19 @@ def exact_probs(model: Any, chat: ChatFormat, questions: Sequence[str], candidat
 def engine_exact_probs(engine: Any, chat: ChatFormat, questions: Sequence[str], candidates: Sequence[str],
                        plurals: dict[str, str], system: str | None = None) -> np.ndarray:
     """:func:`exact_probs` through an engine's ``logprobs`` (:class:`sublim.backends.engine.Engine`: vLLM's
-    prompt logprobs, or HF's forward): for each question and answer variant, the sequence prompt + variant + one
-    more token; the variant's own tokens' log-probabilities, plus the log of the boundary tokens' total
-    probability after its last token (summed where the engine runs), give log P(variant, then the word ends).
+    prompt logprobs, or HF's forward): for each question and answer variant, the sequence prompt + variant; the
+    variant's own tokens' log-probabilities, plus the log of the boundary tokens' total probability for the token
+    after it (summed where the engine runs), give log P(variant, then the word ends).
     Normalised over the model's whole output vocabulary (the HF scorer normalises over the tokenizer's; they
     differ only where the model has padding rows)."""
     tok = chat.tokenizer
     var = build_variants(tok, candidates, plurals)
     boundary = torch.nonzero(boundary_mask(chat)).flatten().tolist()
-    end_tok = chat.stop_token_ids()[0]
     seqs, own, end = [], [], []
     for q in questions:
         p = chat.encode_prompt(q, system)
         for v in var.seqs:
-            seqs.append(p + v + [end_tok])
+            seqs.append(p + v)
             own.append(list(range(len(p), len(p) + len(v))))
             end.append([len(p) + len(v)])
     lp_own = engine.logprobs(seqs, own)

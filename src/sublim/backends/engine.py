@@ -35,9 +35,10 @@ class Engine(Protocol):
 
     def logprobs(self, seqs: Sequence[Sequence[int]], positions: Sequence[Sequence[int]],
                  tokens: Sequence[int] | None = None, reduce: str | None = None) -> list[list[list[float]]]:
-        """Per token-id sequence and position t (>= 1): the log-probability of each of ``tokens`` (default: the
-        sequence's own token at t) as the next token after ``seq[:t]``; ``reduce="logsumexp"`` gives one value
-        per position, the log of those tokens' total probability. What exact evaluation and teacher targets need."""
+        """Per token-id sequence and position t (1 <= t <= len(seq)): the log-probability of each of ``tokens``
+        (default: the sequence's own token at t) as the next token after ``seq[:t]``; t = len(seq) is the token
+        after the whole sequence (``tokens`` needed). ``reduce="logsumexp"`` gives one value per position, the log
+        of those tokens' total probability. What exact evaluation and teacher targets need."""
         ...
 
     def close(self) -> None: ...

@@ -180,15 +180,16 @@ def generate_batch(
 
 
 def check_positions(seqs: Sequence[Sequence[int]], positions: Sequence[Sequence[int]], reduce: str | None) -> None:
-    """The arguments of an engine's ``logprobs``: every position t in 1..len(seq)-1, and a known ``reduce``."""
+    """The arguments of an engine's ``logprobs``: every position t in 1..len(seq) (t = len(seq): the token after
+    the whole sequence), and a known ``reduce``."""
     if reduce not in (None, "logsumexp"):
         raise ValueError(f"logprobs: reduce must be None or 'logsumexp', got {reduce!r}")
     if len(seqs) != len(positions):
         raise ValueError(f"logprobs: {len(seqs)} sequences but {len(positions)} position lists")
     for s, pos in zip(seqs, positions, strict=True):
-        bad = [t for t in pos if not 1 <= t < len(s)]
+        bad = [t for t in pos if not 1 <= t <= len(s)]
         if bad:
-            raise ValueError(f"positions {bad[:3]} outside 1..{len(s) - 1} of a {len(s)}-token sequence")
+            raise ValueError(f"positions {bad[:3]} outside 1..{len(s)} of a {len(s)}-token sequence")
 
 
 @torch.inference_mode()
@@ -196,10 +197,13 @@ def prompt_logprobs(model: Any, seqs: Sequence[Sequence[int]], positions: Sequen
                     tokens: Sequence[int] | None = None, reduce: str | None = None,
                     batch_size: int = 16) -> list[list[list[float]]]:
     """The Hugging Face side of the engines' ``logprobs`` (:class:`sublim.backends.engine.Engine`): per sequence and
-    position t, the log-probability of each of ``tokens`` (default: the sequence's own token at t) as the next token
-    after ``seq[:t]`` (log-softmax over the whole vocabulary, in float32); ``reduce="logsumexp"``: one value per
-    position, the log of those tokens' total probability. Left-padded batches of ``batch_size`` sequences."""
+    position t, the log-probability of each of ``tokens`` (default: the sequence's own token at t; t = len(seq)
+    needs ``tokens``) as the next token after ``seq[:t]`` (log-softmax over the whole vocabulary, in float32);
+    ``reduce="logsumexp"``: one value per position, the log of those tokens' total probability. Left-padded batches
+    of ``batch_size`` sequences."""
     check_positions(seqs, positions, reduce)
+    if tokens is None and any(t == len(s) for s, ts in zip(seqs, positions, strict=True) for t in ts):
+        raise ValueError("logprobs: position len(seq) (the next token) has no own token; pass tokens")
     sel = torch.tensor(list(tokens), dtype=torch.long) if tokens is not None else None
     out: list[list[list[float]]] = []
     for a, b in batches(len(seqs), batch_size):

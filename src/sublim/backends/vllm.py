@@ -158,8 +158,12 @@ class VLLMEngine:
                  tokens: Sequence[int] | None = None, reduce: str | None = None) -> list[list[list[float]]]:
         """Per sequence and position t (>= 1), the log-probability of each of ``tokens`` (default: the sequence's
         own token at t) as the next token after ``seq[:t]``, from vLLM's prompt logprobs; ``reduce="logsumexp"``:
-        one value per position, the log of those tokens' total probability (summed in the worker)."""
+        one value per position, the log of those tokens' total probability (summed in the worker). t = len(seq),
+        the token after the whole sequence, comes from a one-token request's logprobs over the vocabulary (one
+        position, where prompt logprobs would materialise the vocabulary at every position of the sequence)."""
         check_positions(seqs, positions, reduce)
+        if tokens is None and any(t == len(s) for s, ts in zip(seqs, positions, strict=True) for t in ts):
+            raise ValueError("logprobs: position len(seq) (the next token) has no own token; pass tokens")
         out: list[list[list[float]]] = self.worker.request(
             {"op": "logprobs", "seqs": [list(s) for s in seqs], "positions": [list(p) for p in positions],
              "tokens": list(tokens) if tokens is not None else None, "reduce": reduce})["logprobs"]

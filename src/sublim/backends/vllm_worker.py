@@ -13,7 +13,8 @@ Requests (``op``):
 - ``generate``: ``prompts`` (token-id lists) and ``params`` (one dict per prompt: ``seed``, ``temperature``,
   ``top_p``, ``min_p``, ``max_tokens``, ``stop_token_ids``, ``regex`` or null); answers each output's
   ``token_ids`` and ``finish_reason``.
-- ``logprobs``: ``seqs`` (token-id lists) and ``positions`` (per sequence, the positions t >= 1 to read) and
+- ``logprobs``: ``seqs`` (token-id lists) and ``positions`` (per sequence, the positions 1 <= t <= len(seq) to read;
+  t = len(seq), the token after the sequence, from a one-token request's ``logprobs``) and
   ``tokens`` (token ids, or null for each sequence's own next token): answers, per sequence and position, the
   log-probability of each requested token as the next token after ``seq[:t]`` (from prompt logprobs); with
   ``reduce: "logsumexp"`` one value per position instead, the log of the requested tokens' total probability.
@@ -81,12 +82,45 @@ class _Worker:
                             for o in outs]}
 
     def logprobs(self, req: dict[str, Any]) -> dict[str, Any]:
+        tokens = req.get("tokens")
+        seqs, positions = req["seqs"], req["positions"]
+        inner = [[t for t in pos if t < len(s)] for s, pos in zip(seqs, positions, strict=True)]
+        last = [i for i, (s, pos) in enumerate(zip(seqs, positions, strict=True)) if len(s) in pos]
+        res = self._prompt_logprobs(seqs, inner, tokens, req.get("reduce")) if any(inner) else [[] for _ in seqs]
+        if last and not tokens:
+            raise ValueError("position len(seq) (the next token) needs tokens")
+        if last and tokens:  # the token after the whole sequence: a one-token request's logprobs, one position each
+            nxt = self._next_logprobs([seqs[i] for i in last], tokens, req.get("reduce"))
+            for i, v in zip(last, nxt, strict=True):
+                got = dict(zip(inner[i], res[i], strict=True))
+                got[len(seqs[i])] = v
+                res[i] = [got[t] for t in positions[i]]
+        return {"logprobs": res}
+
+    def _next_logprobs(self, seqs: list[list[int]], tokens: list[int], reduce: str | None) -> list[list[float]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        tokens = req.get("tokens")
+        params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=-1, detokenize=False)
+        vocab = self.llm.llm_engine.model_config.get_vocab_size()
+        out: list[list[float]] = []
+        step = max(1, _LOGPROB_ENTRIES // vocab)
+        for a in range(0, len(seqs), step):
+            outs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in seqs[a:a + step]], params,
+                                     use_tqdm=False)
+            for o in outs:
+                lp = o.outputs[0].logprobs[0]  # {token id: Logprob} over the vocabulary, for the first new token
+                v = [float(lp[k].logprob) for k in tokens]
+                out.append([_logsumexp(v)] if reduce == "logsumexp" else v)
+            del outs
+        return out
+
+    def _prompt_logprobs(self, seqs: list[list[int]], positions: list[list[int]], tokens: list[int] | None,
+                         reduce: str | None) -> list[list[list[float]]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=-1 if tokens else 0, detokenize=False)
-        seqs, positions = req["seqs"], req["positions"]
         # a subset of tokens needs the whole vocabulary's prompt logprobs (vLLM has no per-token selection): one
         # Python object per token and position, so sequences go in chunks of at most _LOGPROB_ENTRIES of them
         # (at least one sequence), each reduced to the subset before the next (a 49k vocabulary at 256 rows of
@@ -103,10 +137,10 @@ class _Worker:
             for s, pos, o in zip(seqs[i:j], positions[i:j], outs, strict=True):
                 lp = o.prompt_logprobs  # index t: {token id: Logprob} for the token at t given s[:t]; 0 is None
                 rows = [[float(lp[t][k].logprob) for k in (tokens if tokens else [s[t]])] for t in pos]
-                res.append([[_logsumexp(v)] for v in rows] if req.get("reduce") == "logsumexp" else rows)
+                res.append([[_logsumexp(v)] for v in rows] if reduce == "logsumexp" else rows)
             del outs
             i = j
-        return {"logprobs": res}
+        return res
 
 
 def _logsumexp(v: list[float]) -> float:
